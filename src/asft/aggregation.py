@@ -1,0 +1,144 @@
+"""Aggregation: per-experiment results table (CSV + Markdown) and training-curve plots.
+
+Reads only the evaluation stage's metrics.json files and the training logs, so it can be rerun cheaply
+whenever one run or benchmark is added.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+BASE_LABEL = "base"
+
+
+def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
+    """One row per (run, benchmark) with the run's identity and its scores in percent."""
+    rows = []
+    for path in paths:
+        metrics = json.loads(Path(path).read_text())
+        run = metrics.get("run", {})
+        low, high = metrics.get("avg_ci", [None, None])
+        rows.append(
+            {
+                "model": run.get("model"),
+                "dataset": run.get("dataset", "-"),
+                "mode": run.get("mode_label", BASE_LABEL),
+                "seed": run.get("seed"),
+                "benchmark": metrics["benchmark"],
+                "score": 100 * metrics["avg_at_n"],
+                "ci_low": None if low is None else 100 * low,
+                "ci_high": None if high is None else 100 * high,
+                "n_problems": metrics["n_problems"],
+                "n_samples": metrics["n_samples"],
+                "template": metrics.get("template"),
+                "backend": metrics.get("backend"),
+            }
+        )
+    if not rows:
+        raise ValueError("no metrics files given")
+    return pd.DataFrame(rows)
+
+
+def results_table(long: pd.DataFrame, benchmarks: Sequence[str] | None = None) -> pd.DataFrame:
+    """A row per (model, dataset, mode[-kl]) averaged over seeds, a column per benchmark, and their average.
+
+    Base models come first in each model's block; the average is over the benchmarks present.
+    """
+    grouped = (
+        long.groupby(["model", "dataset", "mode", "benchmark"], dropna=False)
+        .agg(score=("score", "mean"), seeds=("seed", "nunique"))
+        .reset_index()
+    )
+    table = grouped.pivot_table(index=["model", "dataset", "mode"], columns="benchmark", values="score")
+    columns = list(benchmarks) if benchmarks else sorted(table.columns)
+    table = table.reindex(columns=columns)
+    table["average"] = table[columns].mean(axis=1)
+    seeds = grouped.groupby(["model", "dataset", "mode"])["seeds"].max()
+    table["seeds"] = seeds.reindex(table.index).fillna(1).astype(int)
+    table = table.reset_index()
+    table["_order"] = (table["mode"] != BASE_LABEL).astype(int)
+    table = table.sort_values(["model", "_order", "dataset", "mode"]).drop(columns="_order")
+    table.columns.name = None
+    return table.reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, title: str) -> str:
+    """A GitHub-flavoured Markdown table (numbers as percent with one decimal)."""
+    headers = list(table.columns)
+    lines = [f"# {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for _, row in table.iterrows():
+        cells = []
+        for column in headers:
+            value = row[column]
+            if isinstance(value, float):
+                cells.append("—" if pd.isna(value) else f"{value:.1f}")
+            else:
+                cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def load_train_logs(train_dirs: Sequence[Path]) -> pd.DataFrame:
+    """Training log lines of each training output dir, labelled with the run id from its run spec."""
+    frames = []
+    for train_dir in train_dirs:
+        path = Path(train_dir) / "train_log.jsonl"
+        spec_path = Path(train_dir) / "run_spec.json"
+        label = json.loads(spec_path.read_text())["run_id"] if spec_path.exists() else str(train_dir)
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if records:
+            frame = pd.DataFrame(records)
+            frame["run"] = label
+            frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "step"])
+
+
+def plot_training_curves(logs: pd.DataFrame, out_path: Path, title: str) -> Path:
+    """Loss and KL to the reference over steps, one line per run (mode)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = (("loss", "training loss"), ("ce", "cross-entropy on targets"), ("kl", "KL(ref ‖ policy) per token"))
+    for axis, (column, label) in zip(axes, panels, strict=True):
+        for run, frame in logs.groupby("run", sort=True):
+            if column in frame and frame[column].notna().any():
+                points = frame[["step", column]].dropna()
+                axis.plot(points["step"], points[column], label=run, linewidth=1.4)
+        axis.set_xlabel("optimizer step")
+        axis.set_title(label)
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.12 + 0.03 * (len(labels) // 4), 1, 1))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path
+
+
+def aggregate(
+    experiment: str,
+    metrics_paths: Sequence[Path],
+    train_dirs: Sequence[Path],
+    table_dir: Path,
+    plot_dir: Path,
+    benchmarks: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Write results.csv, results.md, scores_long.csv and training_curves.png; returns the table."""
+    long = load_metrics(metrics_paths)
+    table = results_table(long, benchmarks)
+    table_dir.mkdir(parents=True, exist_ok=True)
+    long.to_csv(table_dir / "scores_long.csv", index=False)
+    table.to_csv(table_dir / "results.csv", index=False, float_format="%.2f")
+    (table_dir / "results.md").write_text(to_markdown(table, f"{experiment}: accuracy (%)"))
+    plot_training_curves(load_train_logs(train_dirs), plot_dir / "training_curves.png", experiment)
+    return table

@@ -1,0 +1,171 @@
+"""`asft` command line: one subcommand per pipeline stage, each taking explicit paths and a JSON spec.
+
+The Snakemake rules call exactly these commands, so every stage also runs (and is tested) without Snakemake.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _json_arg(value: str) -> Any:
+    """A JSON value given inline or as @path."""
+    text = Path(value[1:]).read_text() if value.startswith("@") else value
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+
+
+def _cmd_build_demo(args: argparse.Namespace) -> None:
+    from asft.demo import build_demo
+
+    options = args.options or {}
+    summary = build_demo(args.out, **options)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_validate_config(args: argparse.Namespace) -> None:
+    from asft.config import iter_runs, load_config
+
+    config = load_config(args.config)
+    runs = list(iter_runs(config))
+    print(f"{args.config}: valid; {len(runs)} training runs")
+    for run in runs:
+        print(f"  {run.experiment}: {run.run_id}")
+
+
+def _cmd_fetch_model(args: argparse.Namespace) -> None:
+    from asft.fetch import fetch_model
+
+    fetch_model(args.source, args.out, demo_dir=args.demo_dir)
+
+
+def _cmd_fetch_dataset(args: argparse.Namespace) -> None:
+    from asft.fetch import fetch_dataset
+
+    count = fetch_dataset(args.spec, args.out, demo_dir=args.demo_dir)
+    logging.info("wrote %d records to %s", count, args.out)
+
+
+def _cmd_fetch_benchmark(args: argparse.Namespace) -> None:
+    from asft.fetch import fetch_benchmark
+
+    count = fetch_benchmark(args.spec, args.out, demo_dir=args.demo_dir)
+    logging.info("wrote %d problems to %s", count, args.out)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from asft.training import train
+
+    summary = train(args.model, args.data, args.spec, args.out, args.checkpoints)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_merge(args: argparse.Namespace) -> None:
+    from asft.merge import merge_lora
+
+    merge_lora(args.base, args.adapter, args.out, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from asft.evaluation.runner import evaluate
+
+    metrics = evaluate(args.model, args.benchmark, args.spec, args.out_dir, run_info=args.run)
+    print(json.dumps({k: metrics[k] for k in ("benchmark", "avg_at_n", "n_problems", "n_samples")}))
+
+
+def _cmd_aggregate(args: argparse.Namespace) -> None:
+    from asft.aggregation import aggregate, to_markdown
+
+    table = aggregate(args.experiment, args.metrics, args.train_dirs, args.table_dir, args.plot_dir, args.benchmarks)
+    print(to_markdown(table, f"{args.experiment}: accuracy (%)"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asft", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-demo", help="build the embedded tiny model, its training data and benchmark")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--options", type=_json_arg, help="JSON: seed, n_train, n_test, n_pretrain, pretrain_steps")
+    p.set_defaults(func=_cmd_build_demo)
+
+    p = sub.add_parser("validate-config", help="validate a config file and list its runs")
+    p.add_argument("config", type=Path)
+    p.set_defaults(func=_cmd_validate_config)
+
+    for name, func, helptext in (
+        ("fetch-model", _cmd_fetch_model, "materialise a model directory from its source"),
+        ("fetch-dataset", _cmd_fetch_dataset, "write a training set as instruction/response JSONL"),
+        ("fetch-benchmark", _cmd_fetch_benchmark, "download, verify and normalise a benchmark"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "fetch-model":
+            p.add_argument("--source", type=_json_arg, required=True, help="JSON source (hub/path/demo)")
+        else:
+            p.add_argument("--spec", type=_json_arg, required=True, help="JSON entry from the config")
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--demo-dir", type=Path, help="where `build-demo` wrote the demo artefacts")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("train", help="train one run (LoRA adapter or full weights)")
+    p.add_argument("--model", type=Path, required=True, help="base model directory")
+    p.add_argument("--data", type=Path, required=True, help="instruction/response JSONL")
+    p.add_argument("--spec", type=_json_arg, required=True, help="JSON run spec (inline or @file)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints, outside --out")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
+    p.add_argument("--base", type=Path, required=True)
+    p.add_argument("--adapter", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("evaluate", help="evaluate one model on one benchmark")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--benchmark", type=Path, required=True, help="normalised benchmark JSONL")
+    p.add_argument("--spec", type=_json_arg, required=True)
+    p.add_argument("--run", type=_json_arg, default=None, help="JSON identity of the run, copied to metrics")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("aggregate", help="results table and training-curve plots for one experiment")
+    p.add_argument("--experiment", required=True)
+    p.add_argument("--metrics", type=Path, nargs="+", required=True)
+    p.add_argument("--train-dirs", type=Path, nargs="*", default=[], help="training outputs (train_log.jsonl)")
+    p.add_argument("--benchmarks", nargs="*", default=None, help="column order")
+    p.add_argument("--table-dir", type=Path, required=True)
+    p.add_argument("--plot-dir", type=Path, required=True)
+    p.set_defaults(func=_cmd_aggregate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        # Config, data and source errors already name the file/key; a traceback adds nothing for the user.
+        if args.verbose:
+            raise
+        print(f"asft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

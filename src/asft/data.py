@@ -1,0 +1,122 @@
+"""Training data: instruction/response JSONL files and the prompt templates shared by training and evaluation.
+
+Training and evaluation must render prompts identically, so both go through `render_prompt`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+# The upstream ASFT/DFT training template, verbatim.
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:"
+)
+QWEN_MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = ("alpaca", "chat", "qwen_math_cot")
+
+
+class DataFormatError(ValueError):
+    """A malformed data line, reported with file and 1-based line number."""
+
+
+def read_instruction_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """Read `instruction`/`response` records, failing on the first malformed line with its location."""
+    path = Path(path)
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise DataFormatError(f"{path}:{line_no}: expected a JSON object")
+            for field in ("instruction", "response"):
+                if not isinstance(record.get(field), str) or not record[field].strip():
+                    raise DataFormatError(f"{path}:{line_no}: field {field!r} must be a non-empty string")
+            records.append({"instruction": record["instruction"], "response": record["response"]})
+    if not records:
+        raise DataFormatError(f"{path}: no records")
+    return records
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
+    """Write records atomically (temp file + rename) so a failed job leaves no complete-looking file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    count = 0
+    with tmp.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(path)
+    return count
+
+
+def chat_messages(instruction: str, template: str) -> list[dict[str, str]]:
+    """The user turn (and system turn for Qwen-math CoT) for chat-style templates."""
+    messages = []
+    if template == "qwen_math_cot":
+        messages.append({"role": "system", "content": QWEN_MATH_COT_SYSTEM})
+    messages.append({"role": "user", "content": instruction})
+    return messages
+
+
+def render_prompt(instruction: str, template: str, tokenizer: Any = None) -> str:
+    """The exact prompt text a model sees for `instruction` under `template`."""
+    if template == "alpaca":
+        return ALPACA_TEMPLATE.format(instruction=instruction)
+    if template in ("chat", "qwen_math_cot"):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"template {template!r} needs a tokenizer with a chat template")
+        return tokenizer.apply_chat_template(
+            chat_messages(instruction, template), tokenize=False, add_generation_prompt=True
+        )
+    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+def to_prompt_completion(record: dict[str, str], template: str) -> dict[str, Any]:
+    """A TRL prompt/completion example: TRL masks the prompt and appends EOS to text completions.
+
+    Alpaca is plain text with a space before the response, as upstream. Chat templates use TRL's
+    conversational form so the tokenizer's own template renders (and closes) the assistant turn.
+    """
+    if template == "alpaca":
+        return {"prompt": ALPACA_TEMPLATE.format(instruction=record["instruction"]), "completion": " " + record["response"]}
+    if template in ("chat", "qwen_math_cot"):
+        return {
+            "prompt": chat_messages(record["instruction"], template),
+            "completion": [{"role": "assistant", "content": record["response"]}],
+        }
+    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+
+
+def prepare_dataset_records(
+    rows: Iterable[dict[str, Any]],
+    fields: dict[str, str],
+    max_samples: int | None,
+    shuffle_seed: int,
+    origin: str,
+) -> list[dict[str, str]]:
+    """Map source columns to instruction/response, shuffle deterministically and cap the size."""
+    import random
+
+    instruction_key = fields.get("instruction", "instruction")
+    response_key = fields.get("response", "response")
+    records = []
+    for index, row in enumerate(rows):
+        missing = [k for k in (instruction_key, response_key) if not isinstance(row.get(k), str)]
+        if missing:
+            raise DataFormatError(f"{origin}: row {index}: missing or non-string column(s) {missing}")
+        records.append({"instruction": row[instruction_key], "response": row[response_key]})
+    if max_samples is not None and max_samples < len(records):
+        random.Random(shuffle_seed).shuffle(records)
+        records = records[:max_samples]
+    return records

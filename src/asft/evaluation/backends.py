@@ -1,0 +1,142 @@
+"""Generation backends behind one interface: prompts + sampling params -> completions; prompts -> letter log-probs.
+
+The runner only talks to `Backend`, so vLLM (GPU clusters) and transformers (any machine, tests) are
+interchangeable and share prompts, sampling parameters and parsing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 1024
+    seed: int = 0
+
+    @classmethod
+    def from_spec(cls, spec: dict[str, Any]) -> SamplingParams:
+        return cls(**{k: spec[k] for k in ("n", "temperature", "top_p", "max_new_tokens", "seed")})
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Any
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
+        """`params.n` completions per prompt, in prompt order."""
+        ...
+
+    def choice_logprobs(self, prompts: Sequence[str], letters: Sequence[str]) -> list[dict[str, float]]:
+        """Next-token log-probability of each option letter after each prompt."""
+        ...
+
+
+def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> dict[str, int]:
+    """The single token that spells each letter after "Answer:" (" A" where one token, else "A")."""
+    ids = {}
+    for letter in letters:
+        for text in (" " + letter, letter):
+            encoded = tokenizer.encode(text, add_special_tokens=False)
+            if len(encoded) == 1:
+                ids[letter] = encoded[0]
+                break
+        else:
+            raise ValueError(f"option letter {letter!r} is not a single token for this tokenizer")
+    return ids
+
+
+class TransformersBackend:
+    """Batched `generate` with left padding; runs anywhere, and is the reference the vLLM backend must match."""
+
+    name = "transformers"
+
+    def __init__(
+        self, model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False, batch_size: int = 16
+    ) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
+        ).to(device)
+        self.model.eval()
+        self.batch_size = batch_size
+        self.eos_token_ids = self._eos_ids()
+
+    def _eos_ids(self) -> list[int]:
+        configured = self.model.generation_config.eos_token_id
+        ids = configured if isinstance(configured, list) else [configured] if configured is not None else []
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.model.device) for k, v in batch.items()}
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
+        completions: list[list[str]] = []
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = prompts[start : start + self.batch_size]
+            batch = self._encode(chunk)
+            torch.manual_seed(params.seed + start)
+            sampling = (
+                {"do_sample": False}
+                if params.greedy
+                else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p, "top_k": 0}
+            )
+            output = self.model.generate(
+                **batch,
+                **sampling,
+                max_new_tokens=params.max_new_tokens,
+                num_return_sequences=params.n,
+                eos_token_id=self.eos_token_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            completions.extend(texts[i * params.n : (i + 1) * params.n] for i in range(len(chunk)))
+        return completions
+
+    @torch.no_grad()
+    def choice_logprobs(self, prompts: Sequence[str], letters: Sequence[str]) -> list[dict[str, float]]:
+        ids = letter_token_ids(self.tokenizer, letters)
+        results = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = self._encode(prompts[start : start + self.batch_size])
+            logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            results.extend({letter: float(row[token]) for letter, token in ids.items()} for row in logprobs)
+        return results
+
+
+def make_backend(name: str, model_dir: str | Path, **options: Any) -> Backend:
+    """The backend named in the config; vLLM is imported only when asked for (it is a GPU/extra install)."""
+    if name == "transformers":
+        return TransformersBackend(model_dir, **options)
+    if name == "vllm":
+        from asft.evaluation.vllm_backend import VLLMBackend
+
+        return VLLMBackend(model_dir, **options)
+    raise ValueError(f"unknown evaluation backend {name!r}; expected 'transformers' or 'vllm'")

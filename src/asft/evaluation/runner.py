@@ -1,0 +1,189 @@
+"""Evaluation stage: one model on one benchmark -> samples.jsonl + metrics.json.
+
+Generations are appended to a work file as each batch finishes, so a restarted job skips the
+(problem, sample) pairs already done; the declared outputs appear only when everything is graded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import string
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from asft.data import render_prompt
+from asft.evaluation.backends import Backend, SamplingParams, make_backend
+from asft.evaluation.benchmarks import Example, load_normalized
+from asft.evaluation.grading import grade_math_batch
+from asft.evaluation.metrics import bootstrap_ci, summarize
+
+log = logging.getLogger(__name__)
+
+SAMPLES = "samples.jsonl"
+METRICS = "metrics.json"
+PARTIAL = "samples.partial.jsonl"
+
+
+def choice_prompt(example: Example) -> str:
+    """The multiple-choice text: "Question: …\\n\\nOptions:\\nA. …\\n\\nAnswer:"."""
+    options = "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(example.choices or ()))
+    return f"Question: {example.question}\n\nOptions:\n{options}\n\nAnswer:"
+
+
+def build_prompt(example: Example, template: str, tokenizer: Any) -> str:
+    text = choice_prompt(example) if example.kind == "choice" else example.question
+    return render_prompt(text, template, tokenizer)
+
+
+def read_done(path: Path) -> list[dict]:
+    """Completed sample records; a line cut short by a killed job is dropped (and redone)."""
+    if not path.exists():
+        return []
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    # Rewrite without the torn tail so later appends stay line-aligned.
+    with path.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    return records
+
+
+def _append(path: Path, records: Sequence[dict]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _run_math(
+    examples: Sequence[Example], prompts: Sequence[str], backend: Backend, spec: dict, partial: Path, done: set
+) -> None:
+    params = SamplingParams.from_spec(spec["sampling"])
+    todo = [i for i, ex in enumerate(examples) if any((ex.id, s) not in done for s in range(params.n))]
+    batch_size = spec["batch_size"]
+    for start in range(0, len(todo), batch_size):
+        indices = todo[start : start + batch_size]
+        completions = backend.generate([prompts[i] for i in indices], params)
+        pairs, meta = [], []
+        for i, samples in zip(indices, completions, strict=True):
+            for sample_index, completion in enumerate(samples):
+                if (examples[i].id, sample_index) in done:
+                    continue
+                pairs.append((completion, examples[i].gold))
+                meta.append((examples[i], sample_index, completion))
+        grades = grade_math_batch(pairs, workers=spec["grading_workers"], timeout_s=spec["grading_timeout_s"])
+        _append(
+            partial,
+            [
+                {
+                    "id": ex.id,
+                    "sample": sample_index,
+                    "completion": completion,
+                    "extracted": grade.extracted,
+                    "gold": ex.gold,
+                    "correct": bool(grade.correct),
+                    "status": grade.status,
+                }
+                for (ex, sample_index, completion), grade in zip(meta, grades, strict=True)
+            ],
+        )
+        log.info("generated %d/%d problems", min(start + batch_size, len(todo)), len(todo))
+
+
+def _run_choice(
+    examples: Sequence[Example], prompts: Sequence[str], backend: Backend, partial: Path, done: set
+) -> None:
+    todo = [i for i, ex in enumerate(examples) if (ex.id, 0) not in done]
+    letters_by_count: dict[int, list[int]] = {}
+    for i in todo:
+        letters_by_count.setdefault(len(examples[i].choices or ()), []).append(i)
+    for count, indices in letters_by_count.items():
+        letters = list(string.ascii_uppercase[:count])
+        scores = backend.choice_logprobs([prompts[i] for i in indices], letters)
+        records = []
+        for i, score in zip(indices, scores, strict=True):
+            predicted = max(score, key=score.get)
+            records.append(
+                {
+                    "id": examples[i].id,
+                    "sample": 0,
+                    "completion": predicted,
+                    "extracted": predicted,
+                    "gold": examples[i].gold,
+                    "correct": predicted == examples[i].gold,
+                    "status": "ok",
+                    "logprobs": score,
+                }
+            )
+        _append(partial, records)
+
+
+def _write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def evaluate(
+    model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, run_info: dict | None = None
+) -> dict:
+    """Evaluate one model on one normalised benchmark file; returns the metrics dict."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    examples = load_normalized(benchmark_path)  # a malformed benchmark fails before the model loads
+    if spec.get("max_problems"):
+        examples = examples[: spec["max_problems"]]
+    started = time.perf_counter()
+    options = {"dtype": spec["dtype"], "trust_remote_code": spec["trust_remote_code"], "batch_size": spec["batch_size"]}
+    backend = make_backend(spec["backend"], model_dir, **options)
+    prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
+
+    partial = out_dir / PARTIAL
+    done = {(r["id"], r["sample"]) for r in read_done(partial)}
+    if done:
+        log.info("resuming: %d samples already generated", len(done))
+    kind = examples[0].kind if examples else "math"
+    if kind == "choice":
+        _run_choice(examples, prompts, backend, partial, done)
+    else:
+        _run_math(examples, prompts, backend, spec, partial, done)
+
+    wanted = {ex.id for ex in examples}
+    records = sorted(
+        (r for r in read_done(partial) if r["id"] in wanted), key=lambda r: (r["id"], r["sample"])
+    )
+    by_problem: dict[str, list[bool]] = {}
+    for record in records:
+        by_problem.setdefault(record["id"], []).append(bool(record["correct"]))
+    metrics = summarize(by_problem)
+    per_problem = [sum(v) / len(v) for v in by_problem.values()]
+    metrics.update(
+        {
+            "benchmark": spec["benchmark"],
+            "format": spec["format"],
+            "kind": kind,
+            "avg_ci": list(bootstrap_ci(per_problem, n_boot=spec["bootstrap_samples"])),
+            "timeouts": sum(r["status"] == "timeout" for r in records),
+            "grading_errors": sum(r["status"] == "error" for r in records),
+            "template": spec["template"],
+            "sampling": spec["sampling"] if kind == "math" else {"n": 1, "method": "letter-logprob"},
+            "backend": backend.name,
+            "model_path": str(model_dir),
+            "run": run_info or {},
+            "seconds": time.perf_counter() - started,
+        }
+    )
+    tmp_samples = out_dir / (SAMPLES + ".tmp")
+    with tmp_samples.open("w", encoding="utf-8") as handle:
+        handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    os.replace(tmp_samples, out_dir / SAMPLES)
+    _write_json_atomic(out_dir / METRICS, metrics)
+    partial.unlink()
+    return metrics

@@ -1,0 +1,331 @@
+"""Training stage: TRL's SFTTrainer with the project's token-weighted / anchored losses.
+
+The trainer runs one policy forward that stops at the final hidden states (no labels reach the model, so
+Hugging Face computes no second loss and no full logits), and, when the mode needs it, one no-grad reference
+forward: the same weights with the LoRA adapter disabled, or a frozen copy for full fine-tuning.
+The loss itself comes from `asft.losses`, chunked over tokens so no [T, V] tensor exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from asft.data import read_instruction_jsonl, to_prompt_completion
+from asft.losses import LossSpec, loss_from_hidden
+
+log = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.jsonl"
+RUN_SPEC = "run_spec.json"
+SUMMARY = "train_summary.json"
+LOGGED_STATS = ("ce", "kl", "weight_mean", "target_tokens")
+
+
+def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The causal LM under any PEFT wrapper."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _backbone(causal_lm: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack whose output is the final (normed) hidden state."""
+    return getattr(causal_lm, causal_lm.base_model_prefix)
+
+
+@contextlib.contextmanager
+def capture_final_hidden(causal_lm: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the backbone's last hidden state during a forward, however the model is wrapped."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+        captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+    handle = _backbone(causal_lm).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def final_hidden_states(
+    model: torch.nn.Module, causal_lm: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Forward `model` (possibly DDP/DeepSpeed/PEFT-wrapped) and return the final hidden states.
+
+    `logits_to_keep=1` makes the head project a single position, so no full logits are built.
+    """
+    with capture_final_hidden(causal_lm) as captured:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+    return captured["hidden"]
+
+
+def _make_trainer_class() -> type:
+    from trl import SFTTrainer
+
+    class WeightedSFTTrainer(SFTTrainer):
+        """SFTTrainer whose loss is one of the DESIGN.md modes, normalised per optimizer step."""
+
+        def __init__(
+            self,
+            *args: Any,
+            loss_spec: LossSpec,
+            ref_model: torch.nn.Module | None = None,
+            kl_log_every: int = 10,
+            loss_scaling: str = "token",
+            loss_chunk_size: int = 1024,
+            **kwargs: Any,
+        ) -> None:
+            super().__init__(*args, **kwargs)
+            self.loss_spec = loss_spec
+            self.ref_model = ref_model
+            self.kl_log_every = kl_log_every
+            self.loss_scaling = loss_scaling
+            self.loss_chunk_size = loss_chunk_size
+            # token: the loss is already Σ/N over the whole optimizer step; upstream: per-micro-batch means,
+            # summed over accumulation steps (the paper's code). Either way Trainer must not divide again.
+            self.loss_is_scaled_for_ga = True
+            # Makes Trainer count the step's target tokens (num_items_in_batch) across micro-batches and ranks.
+            self.model_accepts_loss_kwargs = loss_scaling == "token"
+            if ref_model is not None and self.is_deepspeed_enabled:
+                from trl.models.utils import prepare_deepspeed
+
+                self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
+            elif ref_model is not None:
+                self.ref_model = ref_model.to(self.accelerator.device)
+
+        def _wants_reference(self) -> bool:
+            if self.loss_spec.needs_reference:
+                return True
+            return self.kl_log_every > 0 and self.state.global_step % self.kl_log_every == 0
+
+        def _reference_hidden(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+            """The frozen starting model's final hidden states (and its head, for full fine-tuning)."""
+            with torch.no_grad():
+                if self.ref_model is not None:
+                    ref_lm = _unwrap_peft(self.accelerator.unwrap_model(self.ref_model))
+                    hidden = final_hidden_states(self.ref_model, ref_lm, inputs["input_ids"], inputs["attention_mask"])
+                    return hidden, ref_lm.get_output_embeddings().weight
+                peft_model = self.accelerator.unwrap_model(self.model)
+                with peft_model.disable_adapter():
+                    causal_lm = _unwrap_peft(peft_model)
+                    hidden = final_hidden_states(peft_model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
+                return hidden, None
+
+        def compute_loss(
+            self,
+            model: torch.nn.Module,
+            inputs: dict[str, torch.Tensor],
+            return_outputs: bool = False,
+            num_items_in_batch: torch.Tensor | int | None = None,
+        ) -> torch.Tensor:
+            if return_outputs:
+                raise NotImplementedError("WeightedSFTTrainer does not build logits for compute_metrics")
+            causal_lm = _unwrap_peft(self.accelerator.unwrap_model(model))
+            hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
+            ref_hidden = ref_head = None
+            if self.loss_spec.needs_reference or (self.model.training and self._wants_reference()):
+                ref_hidden, ref_head = self._reference_hidden(inputs)
+            num_target_tokens = num_items_in_batch if self.loss_scaling == "token" else None
+            loss, stats = loss_from_hidden(
+                hidden,
+                causal_lm.get_output_embeddings().weight,
+                inputs["labels"],
+                self.loss_spec,
+                ref_hidden=ref_hidden,
+                ref_lm_head_weight=ref_head,
+                num_target_tokens=num_target_tokens,
+                chunk_size=self.loss_chunk_size,
+            )
+            if self.loss_scaling == "token" and num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # N counts every rank's tokens and DDP averages gradients across ranks.
+                loss = loss * self.accelerator.num_processes
+            mode = "train" if self.model.training else "eval"
+            for key in LOGGED_STATS:
+                if key == "kl" and ref_hidden is None:
+                    continue
+                value = stats.get(key)
+                if value is not None:
+                    self._metrics[mode][key].append(float(value))
+            if mode == "train":
+                self._total_train_tokens += int(inputs["attention_mask"].sum())
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return loss
+
+    return WeightedSFTTrainer
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Writes each logging step (loss, CE, KL, mean weight, lr, tokens/s) as one JSON line for the plots."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last_time: float | None = None
+        self._last_tokens = 0.0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_time = time.perf_counter()
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = float(logs.get("num_tokens", self._last_tokens))
+        elapsed = now - (self._last_time or now)
+        record = {"step": state.global_step, "epoch": logs.get("epoch")}
+        for key in ("loss", *LOGGED_STATS, "learning_rate", "grad_norm"):
+            if key in logs:
+                record[key] = float(logs[key])
+        record["tokens_per_second"] = (tokens - self._last_tokens) / elapsed if elapsed > 0 else None
+        self._last_time, self._last_tokens = now, tokens
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def resolve_dtype(name: str) -> torch.dtype | str:
+    """`auto`: bf16 on a GPU that supports it, else float32 (CPU training in half precision is slow and lossy)."""
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def _lora_config(settings: dict) -> Any:
+    from peft import LoraConfig
+
+    lora = settings["lora"]
+    return LoraConfig(
+        r=lora["r"],
+        lora_alpha=lora["alpha"],
+        lora_dropout=lora["dropout"],
+        target_modules=lora["target_modules"],
+        task_type="CAUSAL_LM",
+    )
+
+
+def _sft_config(settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dtype) -> Any:
+    from trl import SFTConfig
+
+    report_to = [r for r in settings["report_to"] if r != "none"] or "none"
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        logging_dir=str(checkpoint_dir / "tensorboard"),
+        seed=seed,
+        data_seed=seed,
+        learning_rate=settings["learning_rate"],
+        lr_scheduler_type=settings["lr_scheduler_type"],
+        warmup_ratio=settings["warmup_ratio"],
+        weight_decay=settings["weight_decay"],
+        num_train_epochs=settings["num_train_epochs"],
+        max_steps=settings["max_steps"],
+        per_device_train_batch_size=settings["per_device_train_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        gradient_checkpointing=settings["gradient_checkpointing"],
+        max_length=settings["max_length"],
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        logging_steps=settings["logging_steps"],
+        save_steps=settings["save_steps"],
+        save_total_limit=2,
+        report_to=report_to,
+        deepspeed=settings["deepspeed"],
+        completion_only_loss=True,
+        packing=False,
+        dataset_num_proc=None,
+        disable_tqdm=False,
+    )
+
+
+def _truncate_log(path: Path, keep_through_step: int) -> None:
+    """Keep the log lines of steps a resumed run will not redo; drop the rest (all of them on a fresh start)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoint_dir: Path) -> dict:
+    """Train one run and write the adapter (LoRA) or full weights plus logs to `out_dir`.
+
+    Checkpoints go to `checkpoint_dir`, outside the declared output, and a restarted job resumes from the newest.
+    The output is assembled in a sibling temp dir and renamed at the end, so a failed job leaves nothing that
+    looks complete.
+    """
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    settings = spec["training"]
+    loss_spec = LossSpec.from_config(spec["loss"])
+    records = read_instruction_jsonl(data_path)  # fail on bad data before loading any model
+    if settings["max_samples"] is not None:
+        records = records[: settings["max_samples"]]
+    dataset = Dataset.from_list([to_prompt_completion(r, settings["template"]) for r in records])
+
+    dtype = resolve_dtype(settings["dtype"])
+    trust = settings["trust_remote_code"]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
+    lora = settings["finetune"] == "lora"
+    ref_model = None
+    if not lora and (loss_spec.needs_reference or settings["kl_log_every"] > 0):
+        ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
+        ref_model.eval().requires_grad_(False)
+
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (tmp_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+
+    resume = get_last_checkpoint(str(checkpoint_dir)) if any(checkpoint_dir.glob("checkpoint-*")) else None
+    log_path = checkpoint_dir / TRAIN_LOG
+    _truncate_log(log_path, int(resume.rsplit("-", 1)[1]) if resume else 0)
+
+    trainer_class = _make_trainer_class()
+    trainer = trainer_class(
+        model=model,
+        args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=_lora_config(settings) if lora else None,
+        callbacks=[JsonlLogCallback(log_path)],
+        loss_spec=loss_spec,
+        ref_model=ref_model,
+        kl_log_every=settings["kl_log_every"],
+        loss_scaling=settings["loss_scaling"],
+        loss_chunk_size=settings["loss_chunk_size"],
+    )
+    if resume:
+        log.info("resuming from %s", resume)
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(tmp_dir))
+    tokenizer.save_pretrained(str(tmp_dir))
+    if not log_path.exists():
+        log_path.touch()
+    shutil.copyfile(log_path, tmp_dir / TRAIN_LOG)
+    summary = {
+        "finetune": settings["finetune"],
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss if math.isfinite(result.training_loss) else None,
+        "train_seconds": time.perf_counter() - started,
+        "resumed_from": resume,
+    }
+    (tmp_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+    if trainer.accelerator.is_main_process:
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    return summary

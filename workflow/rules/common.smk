@@ -1,0 +1,104 @@
+"""Config validation, matrix expansion and input functions; all logic is in `asft.config`."""
+
+import json
+from pathlib import Path
+
+from asft.config import (
+    ConfigError,
+    canonical_json,
+    eval_spec,
+    find_run,
+    iter_runs,
+    train_spec,
+    validate_config,
+)
+
+_config_source = ", ".join(str(f) for f in workflow.configfiles) or "config"
+try:
+    CONFIG = validate_config(config, source=_config_source)
+except ConfigError as err:
+    raise WorkflowError(str(err)) from None
+
+DEMO_DIR = "resources/demo"
+RUNS = {exp: list(iter_runs(CONFIG, exp)) for exp in CONFIG["experiments"]}
+
+
+wildcard_constraints:
+    experiment=r"[^/]+",
+    model=r"[^/]+",
+    dataset=r"[^/]+",
+    benchmark=r"[^/]+",
+    mode=r"[^/]+",
+    seed=r"\d+",
+
+
+def run_of(wildcards):
+    run_id = f"{wildcards.model}/{wildcards.dataset}/{wildcards.mode}/seed{wildcards.seed}"
+    return find_run(CONFIG, wildcards.experiment, run_id)
+
+
+def uses_demo(entry):
+    return "demo" in entry["source"]
+
+
+def demo_input(entry):
+    """The demo build is an input only for entries that come from it."""
+    return [f"{DEMO_DIR}/manifest.json"] if uses_demo(entry) else []
+
+
+def is_lora(experiment):
+    return CONFIG["experiments"][experiment]["training"]["finetune"] == "lora"
+
+
+def run_dir(w):
+    return f"results/{w.experiment}/runs/{w.model}/{w.dataset}/{w.mode}/seed{w.seed}"
+
+
+def evaluated_model(wildcards):
+    """Merged weights for LoRA runs; full fine-tunes are evaluated straight from the training output."""
+    sub = "merged" if is_lora(wildcards.experiment) else "train"
+    return f"{run_dir(wildcards)}/{sub}"
+
+
+def run_identity(run):
+    return {
+        "experiment": run.experiment,
+        "run_id": run.run_id,
+        "model": run.model,
+        "dataset": run.dataset,
+        "mode": run.mode,
+        "mode_label": run.mode_label,
+        "kl_weight": run.kl_weight,
+        "seed": run.seed,
+    }
+
+
+def experiment_metrics(experiment):
+    exp = CONFIG["experiments"][experiment]
+    paths = [
+        f"results/{experiment}/runs/{run.run_id}/eval/{bench}/metrics.json"
+        for run in RUNS[experiment]
+        for bench in exp["benchmarks"]
+    ]
+    if exp["evaluate_base"]:
+        paths += [
+            f"results/{experiment}/base/{model}/eval/{bench}/metrics.json"
+            for model in exp["models"]
+            for bench in exp["benchmarks"]
+        ]
+    return paths
+
+
+def experiment_train_dirs(experiment):
+    return [f"results/{experiment}/runs/{run.run_id}/train" for run in RUNS[experiment]]
+
+
+def all_targets():
+    targets = []
+    for experiment in CONFIG["experiments"]:
+        targets += [
+            f"results/{experiment}/tables/results.csv",
+            f"results/{experiment}/tables/results.md",
+            f"results/{experiment}/plots/training_curves.png",
+        ]
+    return targets
