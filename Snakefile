@@ -4,8 +4,10 @@ Run `snakemake` for the embedded demo (config/config.yaml), or `snakemake --conf
 --profile profiles/slurm` on a cluster. Every rule calls one `asft` CLI command; the logic lives in the package.
 """
 
+# The embedded demo is the default; `--configfile other.yaml` replaces it rather than merging into it.
+if not workflow.overwrite_configfiles:
 
-configfile: "config/config.yaml"
+    configfile: "config/config.yaml"
 
 
 include: "workflow/rules/common.smk"

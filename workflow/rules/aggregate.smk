@@ -17,12 +17,14 @@ rule aggregate:
             category="{experiment}",
             labels={"figure": "training curves"},
         ),
+    log:
+        "logs/{experiment}/aggregate.log",
+    conda:
+        "../envs/asft.yaml"
     params:
         benchmarks=lambda w: CONFIG["experiments"][w.experiment]["benchmarks"],
         table_dir=lambda w, output: str(Path(output.csv).parent),
         plot_dir=lambda w, output: str(Path(output.plot).parent),
-    log:
-        "logs/{experiment}/aggregate.log",
     shell:
         "asft aggregate --experiment {wildcards.experiment} --metrics {input.metrics}"
         " --train-dirs {input.train_dirs} --benchmarks {params.benchmarks}"

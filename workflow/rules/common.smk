@@ -33,7 +33,9 @@ wildcard_constraints:
 
 
 def run_of(wildcards):
-    run_id = f"{wildcards.model}/{wildcards.dataset}/{wildcards.mode}/seed{wildcards.seed}"
+    run_id = (
+        f"{wildcards.model}/{wildcards.dataset}/{wildcards.mode}/seed{wildcards.seed}"
+    )
     return find_run(CONFIG, wildcards.experiment, run_id)
 
 

@@ -8,17 +8,19 @@ rule evaluate_run:
     output:
         metrics="results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/eval/{benchmark}/metrics.json",
         samples="results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/eval/{benchmark}/samples.jsonl",
-    params:
-        spec=lambda w: canonical_json(eval_spec(CONFIG, w.experiment, w.benchmark)),
-        run=lambda w: canonical_json(run_identity(run_of(w))),
-        out_dir=lambda w, output: str(Path(output.metrics).parent),
     log:
         "logs/{experiment}/evaluate/{model}/{dataset}/{mode}/seed{seed}/{benchmark}.log",
+    conda:
+        "../envs/eval.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=32000,
         runtime=240,
+    params:
+        spec=lambda w: canonical_json(eval_spec(CONFIG, w.experiment, w.benchmark)),
+        run=lambda w: canonical_json(run_identity(run_of(w))),
+        out_dir=lambda w, output: str(Path(output.metrics).parent),
     shell:
         "asft evaluate --model {input.model} --benchmark {input.benchmark} --spec {params.spec:q}"
         " --run {params.run:q} --out-dir {params.out_dir} > {log} 2>&1"
@@ -31,17 +33,21 @@ rule evaluate_base:
     output:
         metrics="results/{experiment}/base/{model}/eval/{benchmark}/metrics.json",
         samples="results/{experiment}/base/{model}/eval/{benchmark}/samples.jsonl",
-    params:
-        spec=lambda w: canonical_json(eval_spec(CONFIG, w.experiment, w.benchmark)),
-        run=lambda w: canonical_json({"experiment": w.experiment, "model": w.model, "mode_label": "base"}),
-        out_dir=lambda w, output: str(Path(output.metrics).parent),
     log:
         "logs/{experiment}/evaluate/{model}/base/{benchmark}.log",
+    conda:
+        "../envs/eval.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=32000,
         runtime=240,
+    params:
+        spec=lambda w: canonical_json(eval_spec(CONFIG, w.experiment, w.benchmark)),
+        run=lambda w: canonical_json(
+            {"experiment": w.experiment, "model": w.model, "mode_label": "base"}
+        ),
+        out_dir=lambda w, output: str(Path(output.metrics).parent),
     shell:
         "asft evaluate --model {input.model} --benchmark {input.benchmark} --spec {params.spec:q}"
         " --run {params.run:q} --out-dir {params.out_dir} > {log} 2>&1"

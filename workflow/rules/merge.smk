@@ -6,9 +6,13 @@ rule merge:
         base="resources/models/{model}",
         adapter="results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/train",
     output:
-        directory("results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/merged"),
+        directory(
+            "results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/merged"
+        ),
     log:
         "logs/{experiment}/merge/{model}/{dataset}/{mode}/seed{seed}.log",
+    conda:
+        "../envs/asft.yaml"
     resources:
         mem_mb=32000,
         runtime=60,

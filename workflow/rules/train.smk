@@ -7,16 +7,18 @@ rule train:
         data="resources/datasets/{dataset}.jsonl",
     output:
         directory("results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/train"),
-    params:
-        spec=lambda w: canonical_json(train_spec(CONFIG, run_of(w))),
-        checkpoints=lambda w: f"{run_dir(w)}/checkpoints",
     log:
         "logs/{experiment}/train/{model}/{dataset}/{mode}/seed{seed}.log",
+    conda:
+        "../envs/train.yaml"
     threads: 2
     resources:
         gpu=1,
         mem_mb=32000,
         runtime=720,
+    params:
+        spec=lambda w: canonical_json(train_spec(CONFIG, run_of(w))),
+        checkpoints=lambda w: f"{run_dir(w)}/checkpoints",
     shell:
         "asft train --model {input.model} --data {input.data} --spec {params.spec:q}"
         " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"

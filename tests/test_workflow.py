@@ -1,0 +1,184 @@
+"""The Snakemake workflow end to end on a reduced demo config, and what it reruns after config edits.
+
+One real run (session fixture) produces every output; dry runs on edited copies of its config then show
+exactly which jobs Snakemake would plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import REPO, SMALL_DEMO
+
+pytestmark = pytest.mark.slow
+
+WORKFLOW_FILES = ("Snakefile", "workflow", "profiles")
+
+
+def reduced_config(demo_config: dict) -> dict:
+    """Two modes (one anchored), a few training steps, eight test problems, short generations."""
+    config = copy.deepcopy(demo_config)
+    config["demo"] = dict(SMALL_DEMO)
+    exp = config["experiments"]["demo"]
+    exp["modes"] = ["sft", "asft"]
+    exp["training"].update(max_steps=3, logging_steps=1, kl_log_every=1, save_steps=2, per_device_train_batch_size=8)
+    exp["training"]["report_to"] = ["none"]
+    exp["evaluation"]["sampling"] = {"preset": "greedy", "max_new_tokens": 8}
+    exp["evaluation"]["bootstrap_samples"] = 50
+    return config
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/test.yaml", *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config" / "test.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+def planned_jobs(result: subprocess.CompletedProcess) -> dict[str, int]:
+    """Job counts from a dry run's "Job stats" table ({} when there is nothing to do)."""
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout + result.stderr
+    if "Nothing to be done" in text:
+        return {}
+    stats = text.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", stats, re.M)}
+
+
+def planned_outputs(result: subprocess.CompletedProcess, rule: str) -> list[str]:
+    text = result.stdout + result.stderr
+    blocks = re.findall(rf"rule {rule}:\n(.*?)\n\n", text, re.S)
+    return [re.search(r"output: ([^\n]+)", block).group(1) for block in blocks]
+
+
+@pytest.fixture(scope="module")
+def finished_workflow(tmp_path_factory: pytest.TempPathFactory, demo_config: dict) -> tuple[Path, dict]:
+    """A copy of the workflow with a completed reduced demo run."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        (shutil.copytree if source.is_dir() else shutil.copy)(source, workdir / name, symlinks=True)
+    (workdir / "src").symlink_to(REPO / "src")  # the schema symlink in workflow/schemas points here
+    (workdir / "config").mkdir()
+    config = reduced_config(demo_config)
+    write_config(workdir, config)
+    result = snakemake(workdir)
+    logs = "\n".join(p.read_text()[-2000:] for p in (workdir / "logs").rglob("*.log")) if result.returncode else ""
+    assert result.returncode == 0, result.stderr[-5000:] + logs
+    return workdir, config
+
+
+def test_end_to_end_results_table(finished_workflow: tuple[Path, dict]) -> None:
+    workdir, _ = finished_workflow
+    table = pd.read_csv(workdir / "results/demo/tables/results.csv")
+    assert list(table["mode"]) == ["base", "asft-kl0.05", "sft"]
+    assert table[["arith", "average"]].notna().all().all()
+    assert ((table["arith"] >= 0) & (table["arith"] <= 100)).all()
+    assert "| base |" in (workdir / "results/demo/tables/results.md").read_text()
+    assert (workdir / "results/demo/plots/training_curves.png").stat().st_size > 10_000
+    run = workdir / "results/demo/runs/tiny/arith/asft-kl0.05/seed0"
+    log_lines = (run / "train" / "train_log.jsonl").read_text().splitlines()
+    assert len(log_lines) == 3 and '"kl"' in log_lines[0]
+    assert (run / "merged" / "config.json").exists()
+    assert (run / "eval" / "arith" / "samples.jsonl").read_text().count("\n") == SMALL_DEMO["n_test"]
+    assert list((workdir / "logs").rglob("train/*/*/*/seed0.log"))
+
+
+def test_nothing_to_do_after_a_run(finished_workflow: tuple[Path, dict]) -> None:
+    workdir, _ = finished_workflow
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
+
+
+def test_editing_a_kl_weight_reruns_only_that_run(finished_workflow: tuple[Path, dict]) -> None:
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["modes"]["asft"]["kl_weight"] = 0.1
+    write_config(workdir, edited)
+    try:
+        result = snakemake(workdir, "-n")
+        assert planned_jobs(result) == {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
+        assert planned_outputs(result, "train") == ["results/demo/runs/tiny/arith/asft-kl0.1/seed0/train"]
+    finally:
+        write_config(workdir, config)
+
+
+def test_editing_a_mode_parameter_reruns_that_run(finished_workflow: tuple[Path, dict]) -> None:
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["modes"]["asft"]["kl_direction"] = "reverse"  # same run id, new hyperparameter
+    write_config(workdir, edited)
+    try:
+        result = snakemake(workdir, "-n")
+        assert planned_jobs(result) == {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
+        assert planned_outputs(result, "train") == ["results/demo/runs/tiny/arith/asft-kl0.05/seed0/train"]
+    finally:
+        write_config(workdir, config)
+
+
+def test_adding_a_mode_row_plans_only_the_new_run(finished_workflow: tuple[Path, dict]) -> None:
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["modes"]["sft-focal"] = {"weighting": "dft", "kl_weight": 0.2}
+    edited["experiments"]["demo"]["modes"].append("sft-focal")
+    write_config(workdir, edited)
+    try:
+        result = snakemake(workdir, "-n")
+        assert planned_jobs(result) == {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
+        assert planned_outputs(result, "train") == ["results/demo/runs/tiny/arith/sft-focal-kl0.2/seed0/train"]
+    finally:
+        write_config(workdir, config)
+
+
+def test_adding_a_benchmark_retrains_nothing(finished_workflow: tuple[Path, dict]) -> None:
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["benchmarks"]["arith_copy"] = copy.deepcopy(config["benchmarks"]["arith"])
+    edited["experiments"]["demo"]["benchmarks"].append("arith_copy")
+    write_config(workdir, edited)
+    try:
+        jobs = planned_jobs(snakemake(workdir, "-n"))
+        # Two runs plus the base model on the new benchmark; no train, merge or old evaluation.
+        assert jobs == {"fetch_benchmark": 1, "evaluate_run": 2, "evaluate_base": 1, "aggregate": 1, "all": 1}
+    finally:
+        write_config(workdir, config)
+
+
+def test_invalid_config_fails_before_planning(finished_workflow: tuple[Path, dict]) -> None:
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["modes"]["asft"]["kl_weight"] = -1
+    write_config(workdir, edited)
+    try:
+        result = snakemake(workdir, "-n")
+        assert result.returncode != 0
+        assert "modes.asft.kl_weight" in result.stdout + result.stderr
+        assert "config/test.yaml" in result.stdout + result.stderr
+    finally:
+        write_config(workdir, config)
+
+
+def test_lint_is_clean() -> None:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
