@@ -27,16 +27,37 @@ def test_demo_config_is_valid_and_filled(config: dict) -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda c: c["experiments"]["demo"]["modes"].append("asfft"), "experiments.demo.modes[7]: unknown mode 'asfft'"),
+        (
+            lambda c: c["experiments"]["demo"]["modes"].append("asfft"),
+            "experiments.demo.modes[7]: unknown mode 'asfft'",
+        ),
         (lambda c: c["modes"]["asft"].update(kl_wieght=0.1), "modes.asft: Additional properties"),
-        (lambda c: c["modes"]["asft"].update(kl_weight=-0.1), "modes.asft.kl_weight: -0.1 is less than the minimum"),
-        (lambda c: c["experiments"]["demo"]["models"].append("llama"), "experiments.demo.models[1]: unknown model"),
+        (
+            lambda c: c["modes"]["asft"].update(kl_weight=-0.1),
+            "modes.asft.kl_weight: -0.1 is less than the minimum",
+        ),
+        (
+            lambda c: c["experiments"]["demo"]["models"].append("llama"),
+            "experiments.demo.models[1]: unknown model",
+        ),
         (lambda c: c["modes"]["sft"].update(weighting="focal"), "modes.sft.weighting: 'focal' is not one of"),
-        (lambda c: c["experiments"]["demo"]["training"].update(learning_rat=1e-4), "experiments.demo.training"),
-        (lambda c: c["models"]["tiny"].update(source={"hub": "Qwen/Qwen2.5-7B"}), "models.tiny.source: a source"),
-        (lambda c: c["models"].update(other=c["models"].pop("tiny")), "experiments.demo.models[0]: unknown model 'tiny'"),
+        (
+            lambda c: c["experiments"]["demo"]["training"].update(learning_rat=1e-4),
+            "experiments.demo.training",
+        ),
+        (
+            lambda c: c["models"]["tiny"].update(source={"hub": "Qwen/Qwen2.5-7B"}),
+            "models.tiny.source: a source",
+        ),
+        (
+            lambda c: c["models"].update(other=c["models"].pop("tiny")),
+            "experiments.demo.models[0]: unknown model 'tiny'",
+        ),
         (lambda c: c["benchmarks"]["arith"].update(format="math501"), "benchmarks.arith.format"),
-        (lambda c: c["experiments"]["demo"].update(modes=["sft"], kl_weights=[0.1]), "none of the experiment's"),
+        (
+            lambda c: c["experiments"]["demo"].update(modes=["sft"], kl_weights=[0.1]),
+            "none of the experiment's",
+        ),
     ],
 )
 def test_schema_errors_name_the_key(config: dict, mutate, expected: str) -> None:

@@ -58,7 +58,7 @@ def results_table(long: pd.DataFrame, benchmarks: Sequence[str] | None = None) -
     table = table.reindex(columns=columns)
     table["average"] = table[columns].mean(axis=1)
     seeds = grouped.groupby(["model", "dataset", "mode"])["seeds"].max()
-    table["seeds"] = seeds.reindex(table.index).fillna(1).astype(int)
+    table["seeds"] = seeds.reindex(table.index).fillna(1).clip(lower=1).astype(int)  # base: one evaluation
     table = table.reset_index()
     table["_order"] = (table["mode"] != BASE_LABEL).astype(int)
     table = table.sort_values(["model", "_order", "dataset", "mode"]).drop(columns="_order")
@@ -105,7 +105,11 @@ def plot_training_curves(logs: pd.DataFrame, out_path: Path, title: str) -> Path
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = (("loss", "training loss"), ("ce", "cross-entropy on targets"), ("kl", "KL(ref ‖ policy) per token"))
+    panels = (
+        ("loss", "training loss"),
+        ("ce", "cross-entropy on targets"),
+        ("kl", "KL(ref ‖ policy) per token"),
+    )
     for axis, (column, label) in zip(axes, panels, strict=True):
         for run, frame in logs.groupby("run", sort=True):
             if column in frame and frame[column].notna().any():

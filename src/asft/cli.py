@@ -26,7 +26,10 @@ def _cmd_build_demo(args: argparse.Namespace) -> None:
     from asft.demo import build_demo
 
     options = args.options or {}
+    manifest = args.out / "manifest.json"
+    manifest.unlink(missing_ok=True)  # the manifest marks a finished build; it is written last
     summary = build_demo(args.out, **options)
+    manifest.write_text(json.dumps({"options": options, **summary}, indent=2, sort_keys=True))
     print(json.dumps(summary, indent=2))
 
 
@@ -150,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the user's input (bad config, data, source), reported in one line."""
+    from asft.config import ConfigError
+    from asft.data import DataFormatError
+    from asft.evaluation.benchmarks import BenchmarkFormatError
+    from asft.fetch import SourceError
+
+    return (ConfigError, DataFormatError, BenchmarkFormatError, SourceError, FileNotFoundError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -158,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        # Config, data and source errors already name the file/key; a traceback adds nothing for the user.
+    except _user_errors() as err:
+        # Config, data and source errors already name the file/line/key; a traceback adds nothing for the user.
         if args.verbose:
             raise
         print(f"asft {args.command}: error: {err}", file=sys.stderr)

@@ -99,9 +99,7 @@ def _check_references(config: dict, source: str) -> None:
                     problems.append(
                         f"experiments.{exp_name}.{axis}[{index}]: unknown {axis[:-1]} {name!r} (defined: {known})"
                     )
-        if "kl_weights" in exp and not any(
-            config["modes"].get(m, {}).get("kl_weight", 0) > 0 for m in exp["modes"]
-        ):
+        if "kl_weights" in exp and not any(config["modes"].get(m, {}).get("kl_weight", 0) > 0 for m in exp["modes"]):
             problems.append(
                 f"experiments.{exp_name}.kl_weights: set, but none of the experiment's modes has a KL anchor "
                 "(kl_weight > 0)"

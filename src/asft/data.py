@@ -89,7 +89,10 @@ def to_prompt_completion(record: dict[str, str], template: str) -> dict[str, Any
     conversational form so the tokenizer's own template renders (and closes) the assistant turn.
     """
     if template == "alpaca":
-        return {"prompt": ALPACA_TEMPLATE.format(instruction=record["instruction"]), "completion": " " + record["response"]}
+        return {
+            "prompt": ALPACA_TEMPLATE.format(instruction=record["instruction"]),
+            "completion": " " + record["response"],
+        }
     if template in ("chat", "qwen_math_cot"):
         return {
             "prompt": chat_messages(record["instruction"], template),

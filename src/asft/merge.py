@@ -13,7 +13,9 @@ def is_lora_dir(path: Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def merge_lora(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+def merge_lora(
+    base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "auto", trust_remote_code: bool = False
+) -> Path:
     """PEFT `merge_and_unload`, saved with the tokenizer the run trained with.
 
     Written to a temp dir and renamed, so a failed merge leaves no complete-looking output.

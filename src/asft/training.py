@@ -147,7 +147,11 @@ def _make_trainer_class() -> type:
                 num_target_tokens=num_target_tokens,
                 chunk_size=self.loss_chunk_size,
             )
-            if self.loss_scaling == "token" and num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            if (
+                self.loss_scaling == "token"
+                and num_items_in_batch is not None
+                and self.args.average_tokens_across_devices
+            ):
                 # N counts every rank's tokens and DDP averages gradients across ranks.
                 loss = loss * self.accelerator.num_processes
             mode = "train" if self.model.training else "eval"

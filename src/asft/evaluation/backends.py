@@ -67,7 +67,11 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(
-        self, model_dir: str | Path, dtype: str = "auto", trust_remote_code: bool = False, batch_size: int = 16
+        self,
+        model_dir: str | Path,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
+        batch_size: int = 16,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -64,7 +64,12 @@ def _append(path: Path, records: Sequence[dict]) -> None:
 
 
 def _run_math(
-    examples: Sequence[Example], prompts: Sequence[str], backend: Backend, spec: dict, partial: Path, done: set
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    backend: Backend,
+    spec: dict,
+    partial: Path,
+    done: set,
 ) -> None:
     params = SamplingParams.from_spec(spec["sampling"])
     todo = [i for i, ex in enumerate(examples) if any((ex.id, s) not in done for s in range(params.n))]
@@ -132,16 +137,18 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(
-    model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, run_info: dict | None = None
-) -> dict:
+def evaluate(model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, run_info: dict | None = None) -> dict:
     """Evaluate one model on one normalised benchmark file; returns the metrics dict."""
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = load_normalized(benchmark_path)  # a malformed benchmark fails before the model loads
     if spec.get("max_problems"):
         examples = examples[: spec["max_problems"]]
     started = time.perf_counter()
-    options = {"dtype": spec["dtype"], "trust_remote_code": spec["trust_remote_code"], "batch_size": spec["batch_size"]}
+    options = {
+        "dtype": spec["dtype"],
+        "trust_remote_code": spec["trust_remote_code"],
+        "batch_size": spec["batch_size"],
+    }
     backend = make_backend(spec["backend"], model_dir, **options)
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
 
@@ -156,9 +163,7 @@ def evaluate(
         _run_math(examples, prompts, backend, spec, partial, done)
 
     wanted = {ex.id for ex in examples}
-    records = sorted(
-        (r for r in read_done(partial) if r["id"] in wanted), key=lambda r: (r["id"], r["sample"])
-    )
+    records = sorted((r for r in read_done(partial) if r["id"] in wanted), key=lambda r: (r["id"], r["sample"]))
     by_problem: dict[str, list[bool]] = {}
     for record in records:
         by_problem.setdefault(record["id"], []).append(bool(record["correct"]))

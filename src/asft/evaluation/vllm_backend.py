@@ -74,5 +74,7 @@ class VLLMBackend:
         results = []
         for output in outputs:
             ranked: dict[int, Any] = output.outputs[0].logprobs[0]
-            results.append({letter: float(ranked[t].logprob) if t in ranked else float("-inf") for letter, t in ids.items()})
+            results.append(
+                {letter: float(ranked[t].logprob) if t in ranked else float("-inf") for letter, t in ids.items()}
+            )
         return results

@@ -1,0 +1,83 @@
+"""Prompt templates, data validation, and TRL's prompt masking on our prompt/completion examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asft.data import (
+    ALPACA_TEMPLATE,
+    DataFormatError,
+    read_instruction_jsonl,
+    render_prompt,
+    to_prompt_completion,
+)
+
+
+def test_alpaca_template_is_upstreams() -> None:
+    assert render_prompt("Add 2 and 3.", "alpaca") == (
+        "Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:"
+    )
+    example = to_prompt_completion({"instruction": "Add 2 and 3.", "response": "5"}, "alpaca")
+    assert example == {"prompt": ALPACA_TEMPLATE.format(instruction="Add 2 and 3."), "completion": " 5"}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("{not json", "bad.jsonl:2: not valid JSON"),
+        (json.dumps({"instruction": "x"}), "bad.jsonl:2: field 'response' must be a non-empty string"),
+        (json.dumps(["x"]), "bad.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_malformed_training_line_names_file_and_line(tmp_path: Path, line: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"instruction": "a", "response": "b"}) + "\n" + line + "\n")
+    with pytest.raises(DataFormatError, match=message):
+        read_instruction_jsonl(path)
+
+
+def test_chat_templates_use_the_tokenizer(small_demo: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(small_demo / "model")
+    chat = render_prompt("Add 2 and 3.", "chat", tokenizer)
+    cot = render_prompt("Add 2 and 3.", "qwen_math_cot", tokenizer)
+    assert "Add 2 and 3." in chat and chat.rstrip().endswith("assistant")
+    assert "Please reason step by step, and put your final answer within \\boxed{}." in cot
+    with pytest.raises(ValueError, match="unknown template"):
+        render_prompt("x", "vicuna", tokenizer)
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_trl_masks_the_prompt(small_demo: Path, template: str) -> None:
+    """Only response tokens (and the closing EOS) carry labels; the prompt is -100."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(small_demo / "model")
+    model = AutoModelForCausalLM.from_pretrained(small_demo / "model")
+    record = {
+        "instruction": "Tom has 3 apples and buys 4 more. How many?",
+        "response": "3 + 4 = 7. \\boxed{7}",
+    }
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(output_dir=str(small_demo / "unused"), report_to="none", max_length=256),
+        train_dataset=Dataset.from_list([to_prompt_completion(record, template)]),
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels, ids = batch["labels"][0], batch["input_ids"][0]
+    target = labels != -100
+    prompt = render_prompt(record["instruction"], template, tokenizer)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert not target[:n_prompt].any()
+    assert target[n_prompt:].all()
+    completion_text = tokenizer.decode(ids[target], skip_special_tokens=True)
+    assert record["response"] in completion_text
+    assert ids[-1].item() in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"))

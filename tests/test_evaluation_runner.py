@@ -1,0 +1,117 @@
+"""The evaluation stage with the transformers backend on the tiny demo model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from asft.evaluation import runner
+from asft.evaluation.backends import SamplingParams, TransformersBackend
+from asft.fetch import fetch_benchmark
+from tests.conftest import SHARED_BENCHMARKS
+
+
+def _spec(**overrides: object) -> dict:
+    spec = {
+        "benchmark": "arith",
+        "format": "math500",
+        "backend": "transformers",
+        "template": "alpaca",
+        "sampling": {
+            "n": 1,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "max_new_tokens": 24,
+            "seed": 0,
+            "preset": "greedy",
+        },
+        "batch_size": 4,
+        "max_problems": None,
+        "grading_workers": 1,
+        "grading_timeout_s": 5.0,
+        "bootstrap_samples": 100,
+        "dtype": "auto",
+        "trust_remote_code": False,
+    }
+    spec.update(overrides)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def arith(small_demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "arith.jsonl"
+    fetch_benchmark({"format": "math500", "source": {"demo": "benchmarks/arith.jsonl"}}, out, demo_dir=small_demo)
+    return out
+
+
+def test_outputs_and_metrics(small_demo: Path, arith: Path, tmp_path: Path) -> None:
+    metrics = runner.evaluate(small_demo / "model", arith, _spec(), tmp_path, run_info={"mode_label": "base"})
+    samples = [json.loads(line) for line in (tmp_path / runner.SAMPLES).read_text().splitlines()]
+    assert len(samples) == metrics["n_problems"] == 8
+    assert {"id", "sample", "completion", "extracted", "correct"} <= set(samples[0])
+    stored = json.loads((tmp_path / runner.METRICS).read_text())
+    assert stored["avg_at_n"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
+    assert stored["template"] == "alpaca" and stored["backend"] == "transformers"
+    assert stored["sampling"]["max_new_tokens"] == 24 and stored["run"] == {"mode_label": "base"}
+    low, high = stored["avg_ci"]
+    assert low <= stored["avg_at_n"] <= high
+    assert not (tmp_path / runner.PARTIAL).exists()
+
+
+def test_restart_skips_finished_problems(
+    small_demo: Path, arith: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_generate = TransformersBackend.generate
+
+    def dying_generate(self, prompts, params):  # the job is killed after its first batch
+        calls.append(len(prompts))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_generate(self, prompts, params)
+
+    monkeypatch.setattr(TransformersBackend, "generate", dying_generate)
+    with pytest.raises(KeyboardInterrupt):
+        runner.evaluate(small_demo / "model", arith, _spec(), tmp_path)
+    assert not (tmp_path / runner.METRICS).exists()  # nothing that looks complete
+    assert len((tmp_path / runner.PARTIAL).read_text().splitlines()) == 4
+    with (tmp_path / runner.PARTIAL).open("a") as handle:
+        handle.write('{"id": "torn')  # a line cut short by the kill
+    calls.clear()
+    monkeypatch.setattr(
+        TransformersBackend, "generate", lambda self, p, s: calls.append(len(p)) or real_generate(self, p, s)
+    )
+    metrics = runner.evaluate(small_demo / "model", arith, _spec(), tmp_path)
+    assert calls == [4]  # only the 4 problems not yet done
+    assert metrics["n_problems"] == 8
+
+
+def test_sampling_n_gives_avg_and_pass_at_k(small_demo: Path, arith: Path, tmp_path: Path) -> None:
+    sampling = {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 16, "seed": 3, "preset": "paper"}
+    metrics = runner.evaluate(small_demo / "model", arith, _spec(sampling=sampling, max_problems=3), tmp_path)
+    assert metrics["n_problems"] == 3 and metrics["n_samples"] == 12
+    assert set(map(str, metrics["pass_at_k"])) >= {"1", "4"}
+
+
+def test_greedy_generation_is_deterministic_and_batch_independent(small_demo: Path) -> None:
+    backend = TransformersBackend(small_demo / "model", batch_size=3)
+    prompts = [runner.render_prompt(f"What is {i} plus {i + 2}?", "alpaca") for i in range(5)]
+    params = SamplingParams(max_new_tokens=12)
+    batched = backend.generate(prompts, params)
+    single = [backend.generate([p], params)[0] for p in prompts]
+    assert batched == single  # left padding does not change greedy output
+
+
+@pytest.mark.skipif(not (SHARED_BENCHMARKS / "medqa").exists(), reason="shared benchmark files not present")
+def test_multiple_choice_by_letter_logprob(small_demo: Path, tmp_path: Path) -> None:
+    bench = tmp_path / "medqa.jsonl"
+    fetch_benchmark({"format": "medqa", "source": {"path": str(SHARED_BENCHMARKS / "medqa/test.jsonl")}}, bench)
+    spec = _spec(benchmark="medqa", format="medqa", max_problems=4)
+    metrics = runner.evaluate(small_demo / "model", bench, spec, tmp_path / "out")
+    samples = [json.loads(line) for line in (tmp_path / "out" / runner.SAMPLES).read_text().splitlines()]
+    assert metrics["kind"] == "choice" and len(samples) == 4
+    for sample in samples:
+        assert sample["extracted"] == max(sample["logprobs"], key=sample["logprobs"].get)
+        assert sample["correct"] == (sample["extracted"] == sample["gold"])

@@ -1,0 +1,48 @@
+"""LoRA merge: the merged checkpoint reproduces the adapter model's logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from asft.merge import merge_lora
+
+
+def test_merged_model_matches_adapter_logits(small_demo: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = small_demo / "model"
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    for name, param in model.named_parameters():  # non-zero B so the adapter changes the output
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(adapter_dir)
+
+    merged_dir = merge_lora(base_dir, adapter_dir, tmp_path / "merged")
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    inputs = tokenizer(["Tom has 12 apples and buys 7 more."], return_tensors="pt")
+    adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        expected = adapter_model(**inputs).logits
+        actual = merged(**inputs).logits
+        untouched = base(**inputs).logits
+    assert not (merged_dir / "adapter_config.json").exists()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4)
+    assert (expected - untouched).abs().max() > 1e-2  # the test would catch a merge that dropped the adapter
+    assert not merged_dir.with_name("merged.tmp").exists()
+
+
+def test_merge_refuses_a_full_model(small_demo: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no adapter_config.json"):
+        merge_lora(small_demo / "model", small_demo / "model", tmp_path / "out")
