@@ -19,7 +19,7 @@ from asft.data import render_prompt
 from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import Example, load_normalized
 from asft.evaluation.grading import grade_math_batch
-from asft.evaluation.metrics import bootstrap_ci, summarize
+from asft.evaluation.metrics import summarize
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +167,12 @@ def evaluate(model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, r
     by_problem: dict[str, list[bool]] = {}
     for record in records:
         by_problem.setdefault(record["id"], []).append(bool(record["correct"]))
-    metrics = summarize(by_problem)
-    per_problem = [sum(v) / len(v) for v in by_problem.values()]
+    metrics = summarize(by_problem, n_boot=spec["bootstrap_samples"])
     metrics.update(
         {
             "benchmark": spec["benchmark"],
             "format": spec["format"],
             "kind": kind,
-            "avg_ci": list(bootstrap_ci(per_problem, n_boot=spec["bootstrap_samples"])),
             "timeouts": sum(r["status"] == "timeout" for r in records),
             "grading_errors": sum(r["status"] == "error" for r in records),
             "template": spec["template"],
