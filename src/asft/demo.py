@@ -192,7 +192,7 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, batch_si
         if step % 100 == 0 or step == steps - 1:
             log.info("pretrain step %d/%d loss %.3f", step + 1, steps, loss.item())
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def build_demo(

@@ -224,18 +224,17 @@ def _sft_config(settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dt
     report_to = [r for r in settings["report_to"] if r != "none"] or "none"
     return SFTConfig(
         output_dir=str(checkpoint_dir),
-        logging_dir=str(checkpoint_dir / "tensorboard"),
         seed=seed,
         data_seed=seed,
         learning_rate=settings["learning_rate"],
         lr_scheduler_type=settings["lr_scheduler_type"],
-        warmup_ratio=settings["warmup_ratio"],
+        warmup_steps=float(settings["warmup_ratio"]),  # a float in [0, 1) is a ratio of all steps
         weight_decay=settings["weight_decay"],
         num_train_epochs=settings["num_train_epochs"],
         max_steps=settings["max_steps"],
         per_device_train_batch_size=settings["per_device_train_batch_size"],
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-        gradient_checkpointing=settings["gradient_checkpointing"],
+        activation_checkpointing=settings["gradient_checkpointing"],
         max_length=settings["max_length"],
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
