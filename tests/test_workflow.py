@@ -76,7 +76,10 @@ def finished_workflow(tmp_path_factory: pytest.TempPathFactory, demo_config: dic
     workdir = tmp_path_factory.mktemp("workflow")
     for name in WORKFLOW_FILES:
         source = REPO / name
-        (shutil.copytree if source.is_dir() else shutil.copy)(source, workdir / name, symlinks=True)
+        if source.is_dir():
+            shutil.copytree(source, workdir / name, symlinks=True)
+        else:
+            shutil.copy(source, workdir / name)
     (workdir / "src").symlink_to(REPO / "src")  # the schema symlink in workflow/schemas points here
     (workdir / "config").mkdir()
     config = reduced_config(demo_config)
