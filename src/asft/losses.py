@@ -264,9 +264,7 @@ class _ChunkedLoss(torch.autograd.Function):
                 if need_weight:
                     grad_weight.add_((grad_logits.T @ h).to(compute_dtype))
                 del logp, probs, grad_logits
-        ctx.save_for_backward(
-            grad_hidden if need_hidden else None, grad_weight if need_weight else None
-        )
+        ctx.save_for_backward(grad_hidden if need_hidden else None, grad_weight if need_weight else None)
         ctx.weight_dtype = weight.dtype
         stats_out.update(_stats(ce, weights, kl, loss))
         return loss.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)
@@ -276,7 +274,9 @@ class _ChunkedLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output
         out_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
-        out_weight = (grad_weight * scale.to(grad_weight.dtype)).to(ctx.weight_dtype) if grad_weight is not None else None
+        out_weight = (
+            (grad_weight * scale.to(grad_weight.dtype)).to(ctx.weight_dtype) if grad_weight is not None else None
+        )
         return out_hidden, out_weight, None, None, None, None, None, None, None
 
 

@@ -81,7 +81,9 @@ def _answer_text(value: Any) -> str:
 
 
 def _math500(line: _Line, index: int) -> Example:
-    return Example(line.id("unique_id", index), line.get("problem", str), _answer_text(line.get("answer", (str, int, float))))
+    return Example(
+        line.id("unique_id", index), line.get("problem", str), _answer_text(line.get("answer", (str, int, float)))
+    )
 
 
 def _minerva(line: _Line, index: int) -> Example:

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
-_HANG_FOR_TESTS = "ASFT_GRADING_TEST_HANG"  # a completion equal to this env var's value makes a worker hang
+# Tests only: a completion equal to this env var's value (read by the parent per batch) makes a worker hang.
+_HANG_FOR_TESTS = "ASFT_GRADING_TEST_HANG"
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,6 @@ def grade_math(completion: str, gold: str, timeout_s: int = 5) -> GradeResult:
     """Grade one completion in this process (call only inside a worker: it parses model text with sympy)."""
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
-    hang = os.environ.get(_HANG_FOR_TESTS)
-    if hang and completion == hang:
-        time.sleep(3600)
     predicted = parse(
         completion,
         extraction_config=[LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()],
@@ -46,19 +44,23 @@ def grade_math(completion: str, gold: str, timeout_s: int = 5) -> GradeResult:
     )
     extracted = str(predicted[-1]) if predicted else None
     for candidate in _gold_candidates(gold):
-        target = parse(candidate, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=timeout_s)
+        target = parse(
+            candidate, extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()], parsing_timeout=timeout_s
+        )
         if target:
             return GradeResult(bool(verify(target, predicted, timeout_seconds=timeout_s)), extracted, "ok")
     return GradeResult(False, extracted, "error")
 
 
-def _worker(conn: Connection, timeout_s: int) -> None:
+def _worker(conn: Connection, timeout_s: int, hang_marker: str | None) -> None:
     """Grade (index, completion, gold) items as they arrive; answer each with (index, result)."""
     while True:
         job = conn.recv()
         if job is None:
             return
         for index, completion, gold in job:
+            if hang_marker and completion == hang_marker:
+                time.sleep(3600)
             try:
                 result = grade_math(completion, gold, timeout_s)
             except Exception:  # noqa: BLE001 - any parser failure is an ungradable answer
@@ -69,7 +71,8 @@ def _worker(conn: Connection, timeout_s: int) -> None:
 class _Worker:
     def __init__(self, context: mp.context.BaseContext, timeout_s: float) -> None:
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker, args=(child, max(1, int(timeout_s))), daemon=True)
+        args = (child, max(1, int(timeout_s)), os.environ.get(_HANG_FOR_TESTS))
+        self.process = context.Process(target=_worker, args=args, daemon=True)
         self.process.start()
         child.close()
         self.pending: list[tuple[int, str, str]] = []
