@@ -48,7 +48,7 @@ def reference_loss(logits, labels, spec: LossSpec, ref_logits=None, num_target_t
         weights = [1.0 if c <= cap else cap / c for c in ce_values]
     else:
         weights = []
-        for (lp, ref, y), c in zip(tokens, ce_values, strict=True):
+        for (_, ref, y), c in zip(tokens, ce_values, strict=True):
             gap = min(1.0, max(-1.0, math.exp(float(ref[y])) - math.exp(-c)))
             weights.append(max(0.1, 1 + spec.alpha * gap))
     total = sum(w * c for w, c in zip(weights, ce, strict=True))

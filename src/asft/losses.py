@@ -107,6 +107,8 @@ WEIGHTINGS: dict[str, WeightFn] = {
     "ref_ratio": _weights_ref_ratio,
 }
 REFERENCE_WEIGHTINGS = frozenset({"ref_ratio"})
+# Weightings whose per-token weight depends on the whole batch (a threshold or a median), not on the token alone.
+BATCH_STATISTIC_WEIGHTINGS = frozenset({"topk", "antiop"})
 
 
 def token_weights(ce: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
@@ -196,8 +198,34 @@ def _chunk_logp(hidden: torch.Tensor, weight: torch.Tensor, compute_dtype: torch
     return torch.log_softmax((hidden.to(weight.dtype) @ weight.T).to(compute_dtype), dim=-1)
 
 
+def _grad_logits(
+    logp: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    kl: torch.Tensor | None,
+    spec: LossSpec,
+    norm: float,
+) -> torch.Tensor:
+    """d loss / d logits for one chunk: (w/N)(p - onehot(y)) + (λ/N) d KL / d z."""
+    probs = logp.exp()
+    scale = weights[:, None] / norm
+    grad = probs * scale
+    grad.scatter_add_(-1, targets[:, None], -scale.to(grad.dtype))
+    if spec.kl_weight > 0:
+        if spec.kl_direction == "forward":  # d KL(q ‖ p) / d z = p - q
+            grad.add_(probs - ref_logp.exp(), alpha=spec.kl_weight / norm)
+        else:  # d KL(p ‖ q) / d z_j = p_j (log p_j - log q_j - KL)
+            grad.add_(probs * (logp - ref_logp - kl[:, None]), alpha=spec.kl_weight / norm)
+    return grad
+
+
 class _ChunkedLoss(torch.autograd.Function):
-    """Σ w·CE/N + λ·ΣKL/N over target tokens, chunked; gradients are built chunk by chunk in forward."""
+    """Σ w·CE/N + λ·ΣKL/N over target tokens, chunked; gradients are built chunk by chunk in forward.
+
+    Per-token weightings take one pass (each chunk's logits are computed once); weightings that need batch
+    statistics (top-k threshold, median) take a first pass for the per-token CE and a second for gradients.
+    """
 
     @staticmethod
     def forward(
@@ -214,57 +242,59 @@ class _ChunkedLoss(torch.autograd.Function):
     ) -> torch.Tensor:
         compute_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         n = targets.numel()
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if need_weight else None
         ce = torch.empty(n, dtype=compute_dtype, device=hidden.device)
         ref_p = torch.empty_like(ce) if ref_hidden is not None else None
         kl = torch.empty_like(ce) if ref_hidden is not None else None
-        # Pass 1: per-token CE, reference probability and KL (batch statistics need all of them first).
-        for start in range(0, n, chunk_size):
-            end = min(start + chunk_size, n)
-            logp = _chunk_logp(hidden[start:end], weight, compute_dtype)
-            y = targets[start:end, None]
-            ce[start:end] = -logp.gather(-1, y).squeeze(-1)
+        weights = torch.empty_like(ce)
+        one_pass = spec.weighting not in BATCH_STATISTIC_WEIGHTINGS
+        chunks = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
+
+        def backprop(start: int, end: int, h: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor | None) -> None:
+            grad = _grad_logits(
+                logp,
+                targets[start:end],
+                weights[start:end],
+                ref_logp,
+                None if kl is None else kl[start:end],
+                spec,
+                norm,
+            ).to(weight.dtype)
+            if need_hidden:
+                grad_hidden[start:end] = (grad @ weight).to(hidden.dtype)
+            if need_weight:
+                grad_weight.add_((grad.T @ h).to(compute_dtype))
+
+        for start, end in chunks:
+            h = hidden[start:end].to(weight.dtype)
+            logp = _chunk_logp(h, weight, compute_dtype)
+            ce[start:end] = -logp.gather(-1, targets[start:end, None]).squeeze(-1)
+            ref_logp = None
             if ref_hidden is not None:
                 ref_logp = _chunk_logp(ref_hidden[start:end], ref_weight, compute_dtype)
-                ref_p[start:end] = ref_logp.gather(-1, y).squeeze(-1).exp()
+                ref_p[start:end] = ref_logp.gather(-1, targets[start:end, None]).squeeze(-1).exp()
                 kl[start:end] = _kl_per_token(logp, ref_logp, spec.kl_direction)
-                del ref_logp
-            del logp
-        weights = token_weights(ce, ref_p, spec) if n else ce
+            if one_pass:
+                weights[start:end] = token_weights(ce[start:end], None if ref_p is None else ref_p[start:end], spec)
+                if need_hidden or need_weight:
+                    backprop(start, end, h, logp, ref_logp)
+            del logp, ref_logp
+        if not one_pass and n:
+            weights = token_weights(ce, ref_p, spec)
+            if need_hidden or need_weight:
+                for start, end in chunks:
+                    h = hidden[start:end].to(weight.dtype)
+                    ref_logp = None
+                    if spec.kl_weight > 0:
+                        ref_logp = _chunk_logp(ref_hidden[start:end], ref_weight, compute_dtype)
+                    backprop(start, end, h, _chunk_logp(h, weight, compute_dtype), ref_logp)
         total = (weights * ce).sum()
         if spec.kl_weight > 0:
             total = total + spec.kl_weight * kl.sum()
         loss = total / norm
-
-        # Pass 2: the gradient of the loss w.r.t. each chunk's logits, pushed to hidden and the head.
-        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if need_weight else None
-        if need_hidden or need_weight:
-            for start in range(0, n, chunk_size):
-                end = min(start + chunk_size, n)
-                h = hidden[start:end].to(weight.dtype)
-                logp = _chunk_logp(h, weight, compute_dtype)
-                probs = logp.exp()
-                # d CE_t / d z = p - onehot(y_t), scaled by w_t / N
-                grad_logits = probs * (weights[start:end, None] / norm)
-                grad_logits.scatter_add_(
-                    -1, targets[start:end, None], -(weights[start:end, None] / norm).to(grad_logits.dtype)
-                )
-                if spec.kl_weight > 0:
-                    ref_logp = _chunk_logp(ref_hidden[start:end], ref_weight, compute_dtype)
-                    if spec.kl_direction == "forward":  # d KL(q‖p) / d z = p - q
-                        grad_kl = probs - ref_logp.exp()
-                    else:  # d KL(p‖q) / d z_j = p_j (log p_j - log q_j - KL)
-                        grad_kl = probs * (logp - ref_logp - kl[start:end, None])
-                    grad_logits.add_(grad_kl, alpha=spec.kl_weight / norm)
-                    del ref_logp, grad_kl
-                grad_logits = grad_logits.to(weight.dtype)
-                if need_hidden:
-                    grad_hidden[start:end] = (grad_logits @ weight).to(hidden.dtype)
-                if need_weight:
-                    grad_weight.add_((grad_logits.T @ h).to(compute_dtype))
-                del logp, probs, grad_logits
-        ctx.save_for_backward(grad_hidden if need_hidden else None, grad_weight if need_weight else None)
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         stats_out.update(_stats(ce, weights, kl, loss))
         return loss.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)
@@ -272,11 +302,11 @@ class _ChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple:
         grad_hidden, grad_weight = ctx.saved_tensors
-        scale = grad_output
-        out_hidden = grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None
-        out_weight = (
-            (grad_weight * scale.to(grad_weight.dtype)).to(ctx.weight_dtype) if grad_weight is not None else None
-        )
+        # In place: these buffers exist only for this backward, and a copy of a [V, d] gradient is not free.
+        out_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)) if grad_hidden is not None else None
+        out_weight = None
+        if grad_weight is not None:
+            out_weight = grad_weight.mul_(grad_output.to(grad_weight.dtype)).to(ctx.weight_dtype)
         return out_hidden, out_weight, None, None, None, None, None, None, None
 
 
