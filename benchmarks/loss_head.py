@@ -29,7 +29,9 @@ def run_variant(args: argparse.Namespace, mode: str, chunk: int | None) -> dict:
     n = args.tokens
     hidden = torch.randn(1, n + 1, args.hidden, device=device, dtype=dtype) * 0.1
     ref_hidden = hidden + 0.01 * torch.randn_like(hidden) if spec.needs_reference else None
-    weight = (torch.randn(args.vocab, args.hidden, device=device, dtype=dtype) * 0.02).requires_grad_(not args.frozen_head)
+    weight = (torch.randn(args.vocab, args.hidden, device=device, dtype=dtype) * 0.02).requires_grad_(
+        not args.frozen_head
+    )
     hidden.requires_grad_()
     labels = torch.randint(0, args.vocab, (1, n + 1), device=device)
 

@@ -54,3 +54,21 @@ def test_a_hanging_item_times_out_without_stopping_the_rest(monkeypatch: pytest.
 def test_empty_batch_and_choice() -> None:
     assert grade_math_batch([]) == []
     assert grade_choice("b", "B") and not grade_choice(None, "A") and not grade_choice("C", "A")
+
+
+def test_callers_without_a_main_guard_are_not_re_executed(tmp_path) -> None:
+    """Workers are fresh interpreters: a script that grades at import time runs once, not once per worker."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "script.py"
+    marker = tmp_path / "runs.txt"
+    script.write_text(
+        "from asft.evaluation.grading import grade_math_batch\n"
+        f"open({str(marker)!r}, 'a').write('run\\n')\n"
+        "print([r.correct for r in grade_math_batch([('\\\\boxed{2}', '2'), ('\\\\boxed{3}', '4')], workers=2, chunk=1)])\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[True, False]"
+    assert marker.read_text() == "run\n"

@@ -145,16 +145,16 @@ def train_tokenizer(texts: list[str], vocab_size: int):  # noqa: ANN201 - transf
 
 
 def build_model(vocab_size: int, seed: int):  # noqa: ANN201 - transformers model
-    """Qwen2 architecture, 2 layers, head_dim 32 (vLLM's CPU backend needs head_dim >= 32)."""
+    """Qwen2 architecture, 2 layers of width 128, head_dim 32 (vLLM's CPU backend needs head_dim >= 32)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=192,
+        hidden_size=128,
+        intermediate_size=384,
         num_hidden_layers=2,
-        num_attention_heads=2,
+        num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=32,
         max_position_embeddings=512,
@@ -202,7 +202,7 @@ def build_demo(
     n_train: int = 512,
     n_test: int = 64,
     n_pretrain: int = 4000,
-    pretrain_steps: int = 300,
+    pretrain_steps: int = 800,
     vocab_size: int = 640,
 ) -> dict:
     """Write model/, data/train.jsonl and benchmarks/arith.jsonl (MATH-500 format) under `out_dir`."""

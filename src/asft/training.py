@@ -176,9 +176,11 @@ class JsonlLogCallback(TrainerCallback):
         self.path = path
         self._last_time: float | None = None
         self._last_tokens = 0.0
+        self._last_step = 0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._last_time = time.perf_counter()
+        self._last_step = state.global_step
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not state.is_world_process_zero or not logs or "loss" not in logs:
@@ -190,8 +192,10 @@ class JsonlLogCallback(TrainerCallback):
         for key in ("loss", *LOGGED_STATS, "learning_rate", "grad_norm"):
             if key in logs:
                 record[key] = float(logs[key])
+        steps = state.global_step - self._last_step
         record["tokens_per_second"] = (tokens - self._last_tokens) / elapsed if elapsed > 0 else None
-        self._last_time, self._last_tokens = now, tokens
+        record["step_seconds"] = elapsed / steps if steps > 0 else None
+        self._last_time, self._last_tokens, self._last_step = now, tokens, state.global_step
         with self.path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 

@@ -18,7 +18,7 @@ from typing import Any
 from asft.data import render_prompt
 from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import Example, load_normalized
-from asft.evaluation.grading import grade_math_batch
+from asft.evaluation.grading import MathGrader
 from asft.evaluation.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -74,33 +74,48 @@ def _run_math(
     params = SamplingParams.from_spec(spec["sampling"])
     todo = [i for i, ex in enumerate(examples) if any((ex.id, s) not in done for s in range(params.n))]
     batch_size = spec["batch_size"]
-    for start in range(0, len(todo), batch_size):
-        indices = todo[start : start + batch_size]
-        completions = backend.generate([prompts[i] for i in indices], params)
-        pairs, meta = [], []
-        for i, samples in zip(indices, completions, strict=True):
-            for sample_index, completion in enumerate(samples):
-                if (examples[i].id, sample_index) in done:
-                    continue
-                pairs.append((completion, examples[i].gold))
-                meta.append((examples[i], sample_index, completion))
-        grades = grade_math_batch(pairs, workers=spec["grading_workers"], timeout_s=spec["grading_timeout_s"])
-        _append(
-            partial,
-            [
-                {
-                    "id": ex.id,
-                    "sample": sample_index,
-                    "completion": completion,
-                    "extracted": grade.extracted,
-                    "gold": ex.gold,
-                    "correct": bool(grade.correct),
-                    "status": grade.status,
-                }
-                for (ex, sample_index, completion), grade in zip(meta, grades, strict=True)
-            ],
-        )
-        log.info("generated %d/%d problems", min(start + batch_size, len(todo)), len(todo))
+    with MathGrader(spec["grading_workers"], spec["grading_timeout_s"]) as grader:
+        for start in range(0, len(todo), batch_size):
+            indices = todo[start : start + batch_size]
+            _generate_and_grade(examples, prompts, backend, params, grader, indices, partial, done)
+            log.info("generated %d/%d problems", min(start + batch_size, len(todo)), len(todo))
+
+
+def _generate_and_grade(
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    backend: Backend,
+    params: SamplingParams,
+    grader: MathGrader,
+    indices: list[int],
+    partial: Path,
+    done: set,
+) -> None:
+    """One batch: generate, grade, and append the graded samples to the work file."""
+    completions = backend.generate([prompts[i] for i in indices], params)
+    pairs, meta = [], []
+    for i, samples in zip(indices, completions, strict=True):
+        for sample_index, completion in enumerate(samples):
+            if (examples[i].id, sample_index) in done:
+                continue
+            pairs.append((completion, examples[i].gold))
+            meta.append((examples[i], sample_index, completion))
+    grades = grader.grade(pairs)
+    _append(
+        partial,
+        [
+            {
+                "id": ex.id,
+                "sample": sample_index,
+                "completion": completion,
+                "extracted": grade.extracted,
+                "gold": ex.gold,
+                "correct": bool(grade.correct),
+                "status": grade.status,
+            }
+            for (ex, sample_index, completion), grade in zip(meta, grades, strict=True)
+        ],
+    )
 
 
 def _run_choice(

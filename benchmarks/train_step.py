@@ -1,0 +1,107 @@
+"""Training-step time of each mode relative to SFT, through the real training stage (TRL + LoRA).
+
+    python benchmarks/train_step.py                         # the demo model (CPU-sized)
+    python benchmarks/train_step.py --shape qwen2.5-0.5b    # random weights with Qwen2.5-0.5B's shapes (GPU)
+
+Reports the median seconds per optimizer step after warm-up, from the training log's `step_seconds`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+from pathlib import Path
+
+SHAPES = {
+    # Qwen2.5-0.5B's architecture (random weights: only the cost matters here).
+    "qwen2.5-0.5b": dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def long_records(n: int, words: int, seed: int) -> list[dict[str, str]]:
+    """Problems with long step-by-step responses, so steps are dominated by real sequence work."""
+    rng = random.Random(seed)
+    records = []
+    for _ in range(n):
+        steps = [
+            f"{a} + {b} = {a + b}." for a, b in ((rng.randint(1, 99), rng.randint(1, 99)) for _ in range(words // 5))
+        ]
+        records.append({"instruction": "Add the numbers step by step.", "response": " ".join(steps)})
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="demo", choices=["demo", *SHAPES])
+    parser.add_argument("--modes", nargs="+", default=["sft", "asft"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--words", type=int, default=300)
+    parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--out", type=Path, default=None, help="write the table here too")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from asft.config import iter_runs, load_config, train_spec
+    from asft.data import write_jsonl
+    from asft.demo import build_demo
+    from asft.training import TRAIN_LOG, train
+
+    work = Path(tempfile.mkdtemp(prefix="asft-bench-"))
+    build_demo(work / "demo", n_train=16, n_test=4, n_pretrain=64, pretrain_steps=2)
+    model_dir = work / "demo" / "model"
+    if args.shape != "demo":
+        from transformers import AutoTokenizer
+
+        demo = Qwen2Config.from_pretrained(model_dir)
+        tokens = {k: getattr(demo, k) for k in ("eos_token_id", "pad_token_id", "bos_token_id")}
+        model = AutoModelForCausalLM.from_config(Qwen2Config(**SHAPES[args.shape], **tokens))
+        model_dir = work / args.shape
+        model.save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(work / "demo" / "model").save_pretrained(model_dir)
+    data = work / "train.jsonl"
+    write_jsonl(data, long_records(args.steps * args.batch, args.words, seed=0))
+
+    config = load_config(Path(__file__).parents[1] / "config" / "config.yaml")
+    config["experiments"]["demo"]["training"].update(
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        max_length=args.max_length,
+        logging_steps=1,
+        kl_log_every=0,  # measure each mode's own cost, not the optional drift logging
+        save_steps=10**6,
+        report_to=["none"],
+        dtype="auto",
+        learning_rate=1e-4,
+    )
+    results = {}
+    for mode in args.modes:
+        run = next(r for r in iter_runs(config) if r.mode == mode)
+        out = work / "runs" / mode
+        train(model_dir, data, train_spec(config, run), out / "train", out / "checkpoints")
+        log = [json.loads(line) for line in (out / "train" / TRAIN_LOG).read_text().splitlines()]
+        results[mode] = statistics.median(r["step_seconds"] for r in log[3:])
+    lines = [f"shape={args.shape} batch={args.batch} words/response={args.words} steps={args.steps}", ""]
+    lines += ["| mode | median s/step | vs sft |", "|---|---|---|"]
+    for mode, seconds in results.items():
+        lines.append(f"| {mode} | {seconds:.4f} | {seconds / results.get('sft', seconds):.2f}x |")
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
