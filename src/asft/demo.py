@@ -103,15 +103,20 @@ def make_problem_sets(rng: random.Random, n_train: int, n_test: int, n_pretrain:
     return list(test.values()), train, pretrain
 
 
-def pretraining_texts(problems: list[Problem], rng: random.Random) -> list[str]:
-    """Half arithmetic facts, half Alpaca-formatted problems answered in the plain style."""
+def pretraining_texts(problems: list[Problem], rng: random.Random, boxed_fraction: float = 0.2) -> list[str]:
+    """Half arithmetic facts, half Alpaca-formatted problems, mostly answered in the plain style.
+
+    A minority of \\boxed{} answers gives the fine-tuning format a small but real prior probability, as a real
+    base model has for a format it has seen, so that probability-weighted losses (DFT, ASFT) have signal.
+    """
     texts = []
     for index, problem in enumerate(problems):
         if index % 2:
             facts = [make_problem(rng).equation for _ in range(6)]
             texts.append("\n".join(facts))
         else:
-            texts.append(ALPACA_TEMPLATE.format(instruction=problem.question) + " " + problem.plain_response())
+            answer = problem.boxed_response() if rng.random() < boxed_fraction else problem.plain_response()
+            texts.append(ALPACA_TEMPLATE.format(instruction=problem.question) + " " + answer)
     return texts
 
 
