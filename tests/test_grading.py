@@ -66,7 +66,8 @@ def test_callers_without_a_main_guard_are_not_re_executed(tmp_path) -> None:
     script.write_text(
         "from asft.evaluation.grading import grade_math_batch\n"
         f"open({str(marker)!r}, 'a').write('run\\n')\n"
-        "print([r.correct for r in grade_math_batch([('\\\\boxed{2}', '2'), ('\\\\boxed{3}', '4')], workers=2, chunk=1)])\n"
+        "pairs = [('\\\\boxed{2}', '2'), ('\\\\boxed{3}', '4')]\n"
+        "print([r.correct for r in grade_math_batch(pairs, workers=2, chunk=1)])\n"
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
