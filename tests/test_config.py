@@ -122,3 +122,25 @@ def test_sampling_presets_and_overrides(config: dict) -> None:
     spec = eval_spec(validate_config(config), "demo", "arith")
     assert spec["sampling"]["n"] == 16 and spec["sampling"]["max_new_tokens"] == 64
     assert spec["template"] == "alpaca"  # defaults to the training template
+
+
+def test_deepspeed_file_is_checked(config: dict, tmp_path) -> None:
+    training = config["experiments"]["demo"]["training"]
+    training["deepspeed"] = str(tmp_path / "missing.json")
+    with pytest.raises(ConfigError, match="experiments.demo.training.deepspeed: cannot read"):
+        validate_config(config)
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text('{"zero_optimization": {"stage": 3}}')
+    training.update(deepspeed=str(zero3), finetune="full")
+    with pytest.raises(ConfigError, match="ZeRO-3 with finetune: full is not supported"):
+        validate_config(config)
+    training["finetune"] = "lora"
+    validate_config(config)
+
+
+def test_shipped_configs_are_valid() -> None:
+    from asft.config import load_config
+    from tests.conftest import REPO
+
+    for path in sorted((REPO / "config").glob("*.yaml")):
+        assert list(iter_runs(load_config(path))), path

@@ -104,8 +104,27 @@ def _check_references(config: dict, source: str) -> None:
                 f"experiments.{exp_name}.kl_weights: set, but none of the experiment's modes has a KL anchor "
                 "(kl_weight > 0)"
             )
+        problems += _deepspeed_problems(exp_name, exp["training"])
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _deepspeed_problems(exp_name: str, training: dict) -> list[str]:
+    """The DeepSpeed file must exist and parse; ZeRO-3 shards the LM head, which full fine-tuning reads whole."""
+    path = training.get("deepspeed")
+    if not path:
+        return []
+    key = f"experiments.{exp_name}.training.deepspeed"
+    try:
+        stage = json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, json.JSONDecodeError) as err:
+        return [f"{key}: cannot read {path}: {err}"]
+    if stage == 3 and training["finetune"] == "full":
+        return [
+            f"{key}: ZeRO-3 with finetune: full is not supported yet "
+            "(the chunked loss reads the whole LM head); use ZeRO-2"
+        ]
+    return []
 
 
 def load_config(path: str | Path) -> dict:

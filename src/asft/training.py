@@ -104,10 +104,9 @@ def _make_trainer_class() -> type:
             elif ref_model is not None:
                 self.ref_model = ref_model.to(self.accelerator.device)
 
-        def _wants_reference(self) -> bool:
-            if self.loss_spec.needs_reference:
-                return True
-            return self.kl_log_every > 0 and self.state.global_step % self.kl_log_every == 0
+        def _logs_drift_now(self) -> bool:
+            """Modes without an anchor still run the reference every `kl_log_every` steps, to log the drift."""
+            return self.model.training and self.kl_log_every > 0 and self.state.global_step % self.kl_log_every == 0
 
         def _reference_hidden(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
             """The frozen starting model's final hidden states (and its head, for full fine-tuning)."""
@@ -134,7 +133,7 @@ def _make_trainer_class() -> type:
             causal_lm = _unwrap_peft(self.accelerator.unwrap_model(model))
             hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
             ref_hidden = ref_head = None
-            if self.loss_spec.needs_reference or (self.model.training and self._wants_reference()):
+            if self.loss_spec.needs_reference or self._logs_drift_now():
                 ref_hidden, ref_head = self._reference_hidden(inputs)
             num_target_tokens = num_items_in_batch if self.loss_scaling == "token" else None
             loss, stats = loss_from_hidden(
