@@ -37,9 +37,12 @@ class VLLMBackend:
         seed: int = 0,
     ) -> None:
         import torch
-        from vllm import LLM
 
         on_gpu = torch.cuda.is_available()
+        if not on_gpu:  # vLLM's CPU build runs the engine in-process; its worker processes do not start there
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,

