@@ -241,6 +241,24 @@ def test_bf16_inputs_are_computed_in_float32() -> None:
     assert float(loss16) == pytest.approx(float(loss32), rel=5e-2)
 
 
+def test_bf16_head_gradient_accumulates_over_chunks() -> None:
+    """A trained bf16 head: gradients summed chunk by chunk in bf16 stay close to the float32 ones."""
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 65, 16, generator=generator)
+    weight = torch.randn(40, 16, generator=generator) * 0.3
+    labels = torch.randint(0, 40, (2, 65), generator=generator)
+    spec = LossSpec(weighting="dft")
+    grads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        w = weight.to(dtype).detach().requires_grad_()
+        loss, _ = loss_from_hidden(hidden.to(dtype), w, labels, spec, chunk_size=8)
+        loss.backward()
+        assert w.grad.dtype == dtype
+        grads[dtype] = w.grad.float()
+    error = (grads[torch.bfloat16] - grads[torch.float32]).norm() / grads[torch.float32].norm()
+    assert error < 2e-2
+
+
 @pytest.mark.parametrize(
     ("row", "message"),
     [

@@ -244,7 +244,9 @@ class _ChunkedLoss(torch.autograd.Function):
         n = targets.numel()
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=compute_dtype, device=weight.device) if need_weight else None
+        # In the head's own dtype: each chunk's addmm accumulates in float32 internally and rounds once, and a
+        # float32 copy of a [V, d] bf16 head would cost twice the gradient itself.
+        grad_weight = torch.zeros_like(weight) if need_weight else None
         ce = torch.empty(n, dtype=compute_dtype, device=hidden.device)
         ref_p = torch.empty_like(ce) if ref_hidden is not None else None
         kl = torch.empty_like(ce) if ref_hidden is not None else None
@@ -265,7 +267,7 @@ class _ChunkedLoss(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[start:end] = (grad @ weight).to(hidden.dtype)
             if need_weight:
-                grad_weight.add_((grad.T @ h).to(compute_dtype))
+                grad_weight.addmm_(grad.T, h)
 
         for start, end in chunks:
             h = hidden[start:end].to(weight.dtype)
@@ -295,7 +297,6 @@ class _ChunkedLoss(torch.autograd.Function):
             total = total + spec.kl_weight * kl.sum()
         loss = total / norm
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
         stats_out.update(_stats(ce, weights, kl, loss))
         return loss.to(hidden.dtype if hidden.dtype == torch.float64 else torch.float32)
 
@@ -306,7 +307,7 @@ class _ChunkedLoss(torch.autograd.Function):
         out_hidden = grad_hidden.mul_(grad_output.to(grad_hidden.dtype)) if grad_hidden is not None else None
         out_weight = None
         if grad_weight is not None:
-            out_weight = grad_weight.mul_(grad_output.to(grad_weight.dtype)).to(ctx.weight_dtype)
+            out_weight = grad_weight.mul_(grad_output.to(grad_weight.dtype))
         return out_hidden, out_weight, None, None, None, None, None, None, None
 
 
