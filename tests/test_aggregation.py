@@ -24,6 +24,7 @@ def _metrics(path: Path, benchmark: str, score: float, run: dict) -> Path:
                 "template": "alpaca",
                 "backend": "transformers",
                 "run": run,
+                "per_problem": {str(i): float(i < round(10 * score)) for i in range(10)},
             }
         )
     )
@@ -70,3 +71,8 @@ def test_aggregate_writes_table_markdown_and_plot(metrics_files: list[Path], tmp
     assert (tmp_path / "plots/training_curves.png").stat().st_size > 10_000
     assert len(pd.read_csv(tmp_path / "tables/scores_long.csv")) == len(metrics_files)
     assert table["average"].notna().all()
+    comparisons = pd.read_csv(tmp_path / "tables/comparisons_vs_base.csv")
+    asft = comparisons[(comparisons["mode"] == "asft-kl0.05") & (comparisons["benchmark"] == "b1")].iloc[0]
+    assert asft["diff_vs_base"] == pytest.approx(50.0) and asft["n_problems"] == 10  # 6/10 vs 1/10 solved
+    assert asft["ci_low"] <= 50.0 <= asft["ci_high"]
+    assert len(comparisons) == len(metrics_files) - 2  # every run on both benchmarks, not the base itself

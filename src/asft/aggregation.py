@@ -36,11 +36,46 @@ def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
                 "n_samples": metrics["n_samples"],
                 "template": metrics.get("template"),
                 "backend": metrics.get("backend"),
+                "per_problem": metrics.get("per_problem"),
             }
         )
     if not rows:
         raise ValueError("no metrics files given")
     return pd.DataFrame(rows)
+
+
+def comparisons_vs_base(long: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+    """Each run minus its base model on the same problems, with a paired bootstrap CI (percentage points)."""
+    from asft.evaluation.metrics import paired_difference
+
+    base = {
+        (row.model, row.benchmark): row.per_problem
+        for row in long.itertuples()
+        if row.mode == BASE_LABEL and row.per_problem
+    }
+    rows = []
+    for row in long.itertuples():
+        reference = base.get((row.model, row.benchmark))
+        if row.mode == BASE_LABEL or not row.per_problem or not reference:
+            continue
+        diff = paired_difference(row.per_problem, reference, n_boot=n_boot)
+        rows.append(
+            {
+                "model": row.model,
+                "dataset": row.dataset,
+                "mode": row.mode,
+                "seed": row.seed,
+                "benchmark": row.benchmark,
+                "diff_vs_base": 100 * diff["diff"],
+                "ci_low": 100 * diff["ci_low"],
+                "ci_high": 100 * diff["ci_high"],
+                "n_problems": diff["n"],
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=["model", "dataset", "mode", "seed", "benchmark", "diff_vs_base", "ci_low", "ci_high", "n_problems"],
+    )
 
 
 def results_table(long: pd.DataFrame, benchmarks: Sequence[str] | None = None) -> pd.DataFrame:
@@ -137,11 +172,12 @@ def aggregate(
     plot_dir: Path,
     benchmarks: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Write results.csv, results.md, scores_long.csv and training_curves.png; returns the table."""
+    """Write results.csv/.md, scores_long.csv, comparisons_vs_base.csv and training_curves.png; returns the table."""
     long = load_metrics(metrics_paths)
     table = results_table(long, benchmarks)
     table_dir.mkdir(parents=True, exist_ok=True)
-    long.to_csv(table_dir / "scores_long.csv", index=False)
+    long.drop(columns="per_problem").to_csv(table_dir / "scores_long.csv", index=False)
+    comparisons_vs_base(long).to_csv(table_dir / "comparisons_vs_base.csv", index=False, float_format="%.2f")
     table.to_csv(table_dir / "results.csv", index=False, float_format="%.2f")
     (table_dir / "results.md").write_text(to_markdown(table, f"{experiment}: accuracy (%)"))
     plot_training_curves(load_train_logs(train_dirs), plot_dir / "training_curves.png", experiment)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from asft.data import render_prompt
 from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import Example, load_normalized
@@ -75,7 +77,8 @@ def _run_math(
     todo = [i for i, ex in enumerate(examples) if any((ex.id, s) not in done for s in range(params.n))]
     batch_size = spec["batch_size"]
     with MathGrader(spec["grading_workers"], spec["grading_timeout_s"]) as grader:
-        for start in range(0, len(todo), batch_size):
+        batches = range(0, len(todo), batch_size)
+        for start in tqdm(batches, desc=f"generate {spec['benchmark']}", unit="batch", disable=not todo):
             indices = todo[start : start + batch_size]
             _generate_and_grade(examples, prompts, backend, params, grader, indices, partial, done)
             log.info("generated %d/%d problems", min(start + batch_size, len(todo)), len(todo))
