@@ -72,10 +72,8 @@ def comparisons_vs_base(long: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
                 "n_problems": diff["n"],
             }
         )
-    return pd.DataFrame(
-        rows,
-        columns=["model", "dataset", "mode", "seed", "benchmark", "diff_vs_base", "ci_low", "ci_high", "n_problems"],
-    )
+    columns = ["model", "dataset", "mode", "seed", "benchmark", "diff_vs_base", "ci_low", "ci_high", "n_problems"]
+    return pd.DataFrame(rows, columns=columns).astype({"seed": "Int64"})
 
 
 def results_table(long: pd.DataFrame, benchmarks: Sequence[str] | None = None) -> pd.DataFrame:
