@@ -60,6 +60,8 @@ def test_other_formats(tmp_path: Path) -> None:
     olympiad.write_text(json.dumps(record) + "\n")
     example = load_benchmark("olympiadbench", olympiad)[0]
     assert (example.id, example.gold) == ("7", "3, -1")
+    olympiad.write_text(json.dumps({**record, "final_answer": ["$69$,$84$"]}) + "\n")
+    assert load_benchmark("olympiadbench", olympiad)[0].gold == "69,84"  # the harness's own multi-answer form
     medmcqa = tmp_path / "medmcqa.jsonl"
     medmcqa.write_text(json.dumps({"question": "q", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 2}) + "\n")
     assert load_benchmark("medmcqa", medmcqa)[0].gold == "C"

@@ -84,3 +84,19 @@ def test_hub_model_download_pins_the_revision(tmp_path: Path, monkeypatch: pytes
 def test_demo_source_requires_the_build(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match="run `asft build-demo` first"):
         fetch_model({"demo": "model"}, tmp_path / "m", demo_dir=tmp_path / "nowhere")
+
+
+def test_paper_benchmark_checksums_match_the_real_files(tmp_path: Path) -> None:
+    """The pinned sha256 values in config/paper.yaml are those of the benchmark files we test with."""
+    from asft.config import load_config
+    from asft.fetch import fetch_benchmark
+    from tests.conftest import REPO, SHARED_BENCHMARKS
+
+    if not SHARED_BENCHMARKS.exists():
+        pytest.skip("shared benchmark files not present")
+    benchmarks = load_config(REPO / "config" / "paper.yaml")["benchmarks"]
+    for name in ("aime24", "amc23", "gsm8k"):
+        local = SHARED_BENCHMARKS / name / "test.jsonl"
+        entry = {"format": name, "source": {"url": local.as_uri(), "sha256": benchmarks[name]["source"]["sha256"]}}
+        count = fetch_benchmark(entry, tmp_path / f"{name}.jsonl")
+        assert count == sum(1 for line in local.read_text().splitlines() if line.strip())

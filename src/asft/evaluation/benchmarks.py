@@ -97,7 +97,7 @@ def _olympiad(line: _Line, index: int) -> Example:
     answers = line.get("final_answer", list)
     if not answers or not all(isinstance(a, str) for a in answers):
         raise line.fail("field 'final_answer' must be a non-empty list of strings")
-    cleaned = [a.strip().strip("$").strip() for a in answers]
+    cleaned = [a.replace("$", "").strip() for a in answers]  # "$69$,$84$" -> "69,84"
     question = line.get("question", str)
     context = line.record.get("context")
     if isinstance(context, str) and context.strip():
