@@ -115,3 +115,38 @@ def test_multiple_choice_by_letter_logprob(small_demo: Path, tmp_path: Path) -> 
     for sample in samples:
         assert sample["extracted"] == max(sample["logprobs"], key=sample["logprobs"].get)
         assert sample["correct"] == (sample["extracted"] == sample["gold"])
+
+
+def test_a_killed_job_resumes_where_it_stopped(small_demo: Path, arith: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-run: no metrics appear, and the restarted job only generates what was missing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = _spec(batch_size=1, sampling={**_spec()["sampling"], "max_new_tokens": 48})
+    command = [sys.executable, "-m", "asft.cli", "evaluate", "--model", str(small_demo / "model")]
+    command += ["--benchmark", str(arith), "--spec", json.dumps(spec), "--out-dir", str(tmp_path)]
+    partial = tmp_path / runner.PARTIAL
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not partial.exists() or len(partial.read_text().splitlines()) < 2):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = 0  # complete lines only: the kill may have torn the last one, which the restart redoes
+    for line in partial.read_text().splitlines():
+        try:
+            json.loads(line)
+        except json.JSONDecodeError:
+            break
+        done_before += 1
+    assert 2 <= done_before < 8, "the job should have been killed midway"
+    assert not (tmp_path / runner.METRICS).exists()
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming: {done_before} samples already generated" in result.stderr
+    samples = (tmp_path / runner.SAMPLES).read_text().splitlines()
+    assert len(samples) == 8 and len({json.loads(s)["id"] for s in samples}) == 8
