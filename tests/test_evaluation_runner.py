@@ -150,3 +150,13 @@ def test_a_killed_job_resumes_where_it_stopped(small_demo: Path, arith: Path, tm
     assert f"resuming: {done_before} samples already generated" in result.stderr
     samples = (tmp_path / runner.SAMPLES).read_text().splitlines()
     assert len(samples) == 8 and len({json.loads(s)["id"] for s in samples}) == 8
+
+
+def test_work_file_from_other_settings_is_not_resumed(small_demo: Path, arith: Path, tmp_path: Path) -> None:
+    partial = tmp_path / runner.PARTIAL
+    partial.write_text(json.dumps({"id": "arith/0", "sample": 0, "completion": "x", "correct": True}) + "\n")
+    (tmp_path / runner.PARTIAL_KEY).write_text('{"spec": "an older config"}')
+    runner.evaluate(small_demo / "model", arith, _spec(max_problems=2), tmp_path)
+    samples = [json.loads(line) for line in (tmp_path / runner.SAMPLES).read_text().splitlines()]
+    assert len(samples) == 2 and all(s["completion"] != "x" for s in samples)
+    assert not partial.exists() and not (tmp_path / runner.PARTIAL_KEY).exists()

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 SAMPLES = "samples.jsonl"
 METRICS = "metrics.json"
 PARTIAL = "samples.partial.jsonl"
+PARTIAL_KEY = "samples.partial.key.json"  # what the work file was generated with
 
 
 def choice_prompt(example: Example) -> str:
@@ -149,6 +150,16 @@ def _run_choice(
         _append(partial, records)
 
 
+def _discard_if_stale(partial: Path, key: dict) -> None:
+    """Resume only generations made with the same spec and model; an edited config starts afresh."""
+    key_path = partial.with_name(PARTIAL_KEY)
+    wanted = json.dumps(key, sort_keys=True)
+    if partial.exists() and (not key_path.exists() or key_path.read_text() != wanted):
+        log.info("discarding %s: generated with other settings", partial)
+        partial.unlink()
+    key_path.write_text(wanted)
+
+
 def _write_json_atomic(path: Path, value: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
@@ -171,6 +182,7 @@ def evaluate(model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, r
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
 
     partial = out_dir / PARTIAL
+    _discard_if_stale(partial, {"spec": spec, "model": str(model_dir), "benchmark": str(benchmark_path)})
     done = {(r["id"], r["sample"]) for r in read_done(partial)}
     if done:
         log.info("resuming: %d samples already generated", len(done))
@@ -207,4 +219,5 @@ def evaluate(model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, r
     os.replace(tmp_samples, out_dir / SAMPLES)
     _write_json_atomic(out_dir / METRICS, metrics)
     partial.unlink()
+    partial.with_name(PARTIAL_KEY).unlink(missing_ok=True)
     return metrics
