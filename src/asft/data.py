@@ -6,7 +6,7 @@ Training and evaluation must render prompts identically, so both go through `ren
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +23,9 @@ class DataFormatError(ValueError):
     """A malformed data line, reported with file and 1-based line number."""
 
 
-def read_instruction_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """Read `instruction`/`response` records, failing on the first malformed line with its location."""
+def iter_json_objects(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
+    """(1-based line number, object) for each non-blank line; a bad line raises `error` naming file and line."""
     path = Path(path)
-    records = []
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -34,13 +33,20 @@ def read_instruction_jsonl(path: str | Path) -> list[dict[str, str]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+                raise error(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
             if not isinstance(record, dict):
-                raise DataFormatError(f"{path}:{line_no}: expected a JSON object")
-            for field in ("instruction", "response"):
-                if not isinstance(record.get(field), str) or not record[field].strip():
-                    raise DataFormatError(f"{path}:{line_no}: field {field!r} must be a non-empty string")
-            records.append({"instruction": record["instruction"], "response": record["response"]})
+                raise error(f"{path}:{line_no}: expected a JSON object")
+            yield line_no, record
+
+
+def read_instruction_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """Read `instruction`/`response` records, failing on the first malformed line with its location."""
+    records = []
+    for line_no, record in iter_json_objects(path, DataFormatError):
+        for field in ("instruction", "response"):
+            if not isinstance(record.get(field), str) or not record[field].strip():
+                raise DataFormatError(f"{path}:{line_no}: field {field!r} must be a non-empty string")
+        records.append({"instruction": record["instruction"], "response": record["response"]})
     if not records:
         raise DataFormatError(f"{path}: no records")
     return records

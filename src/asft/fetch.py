@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from asft.data import prepare_dataset_records, write_jsonl
+from asft.data import iter_json_objects, prepare_dataset_records, write_jsonl
 
 
 class SourceError(ValueError):
@@ -92,15 +92,7 @@ def fetch_model(source: dict, out_dir: Path, demo_dir: Path | None = None) -> Pa
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     """Rows of a local JSONL/JSON/Parquet/CSV file, via `datasets` for anything but plain JSONL."""
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as handle:
-            rows = []
-            for line_no, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise SourceError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            return rows
+        return [record for _, record in iter_json_objects(path, SourceError)]
     from datasets import load_dataset
 
     kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)

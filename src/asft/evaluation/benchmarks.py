@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from asft.data import iter_json_objects
+
 MATH_FORMATS = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23", "gsm8k")
 CHOICE_FORMATS = ("medqa", "medmcqa", "mmlu_medical")
 BENCHMARK_FORMATS = MATH_FORMATS + CHOICE_FORMATS
@@ -158,17 +160,8 @@ LOADERS: dict[str, Callable[[_Line, int], Example]] = {
 
 
 def _records(path: Path) -> Iterator[_Line]:
-    with path.open(encoding="utf-8") as handle:
-        for line_no, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise BenchmarkFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
-            if not isinstance(record, dict):
-                raise BenchmarkFormatError(f"{path}:{line_no}: expected a JSON object")
-            yield _Line(record, path, line_no)
+    for line_no, record in iter_json_objects(path, BenchmarkFormatError):
+        yield _Line(record, path, line_no)
 
 
 def load_benchmark(name: str, path: str | Path) -> list[Example]:
