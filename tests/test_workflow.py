@@ -111,42 +111,37 @@ def test_nothing_to_do_after_a_run(finished_workflow: tuple[Path, dict]) -> None
     assert planned_jobs(snakemake(workdir, "-n")) == {}
 
 
-def test_editing_a_kl_weight_reruns_only_that_run(finished_workflow: tuple[Path, dict]) -> None:
+def _set_kl_weight(config: dict) -> None:
+    config["modes"]["asft"]["kl_weight"] = 0.1  # a new run id
+
+
+def _set_kl_direction(config: dict) -> None:
+    config["modes"]["asft"]["kl_direction"] = "reverse"  # same run id, new hyperparameter
+
+
+def _add_mode_row(config: dict) -> None:
+    config["modes"]["sft-focal"] = {"weighting": "dft", "kl_weight": 0.2}
+    config["experiments"]["demo"]["modes"].append("sft-focal")
+
+
+@pytest.mark.parametrize(
+    ("edit", "retrained"),
+    [
+        (_set_kl_weight, "results/demo/runs/tiny/arith/asft-kl0.1/seed0/train"),
+        (_set_kl_direction, "results/demo/runs/tiny/arith/asft-kl0.05/seed0/train"),
+        (_add_mode_row, "results/demo/runs/tiny/arith/sft-focal-kl0.2/seed0/train"),
+    ],
+)
+def test_a_mode_edit_reruns_exactly_that_run(finished_workflow: tuple[Path, dict], edit, retrained: str) -> None:
+    """Editing or adding one mode row plans that run's train, merge and evaluation plus the aggregation."""
     workdir, config = finished_workflow
     edited = copy.deepcopy(config)
-    edited["modes"]["asft"]["kl_weight"] = 0.1
+    edit(edited)
     write_config(workdir, edited)
     try:
         result = snakemake(workdir, "-n")
         assert planned_jobs(result) == {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
-        assert planned_outputs(result, "train") == ["results/demo/runs/tiny/arith/asft-kl0.1/seed0/train"]
-    finally:
-        write_config(workdir, config)
-
-
-def test_editing_a_mode_parameter_reruns_that_run(finished_workflow: tuple[Path, dict]) -> None:
-    workdir, config = finished_workflow
-    edited = copy.deepcopy(config)
-    edited["modes"]["asft"]["kl_direction"] = "reverse"  # same run id, new hyperparameter
-    write_config(workdir, edited)
-    try:
-        result = snakemake(workdir, "-n")
-        assert planned_jobs(result) == {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
-        assert planned_outputs(result, "train") == ["results/demo/runs/tiny/arith/asft-kl0.05/seed0/train"]
-    finally:
-        write_config(workdir, config)
-
-
-def test_adding_a_mode_row_plans_only_the_new_run(finished_workflow: tuple[Path, dict]) -> None:
-    workdir, config = finished_workflow
-    edited = copy.deepcopy(config)
-    edited["modes"]["sft-focal"] = {"weighting": "dft", "kl_weight": 0.2}
-    edited["experiments"]["demo"]["modes"].append("sft-focal")
-    write_config(workdir, edited)
-    try:
-        result = snakemake(workdir, "-n")
-        assert planned_jobs(result) == {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
-        assert planned_outputs(result, "train") == ["results/demo/runs/tiny/arith/sft-focal-kl0.2/seed0/train"]
+        assert planned_outputs(result, "train") == [retrained]
     finally:
         write_config(workdir, config)
 
