@@ -14,7 +14,6 @@ rule evaluate_run:
         "../envs/eval.yaml"
     threads: 2
     resources:
-        gpu=1,
         mem_mb=32000,
         runtime=240,
     params:
@@ -39,7 +38,6 @@ rule evaluate_base:
         "../envs/eval.yaml"
     threads: 2
     resources:
-        gpu=1,
         mem_mb=32000,
         runtime=240,
     params:

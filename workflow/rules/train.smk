@@ -13,7 +13,6 @@ rule train:
         "../envs/train.yaml"
     threads: 2
     resources:
-        gpu=1,
         mem_mb=32000,
         runtime=720,
     params:
