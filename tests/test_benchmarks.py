@@ -8,99 +8,214 @@ from pathlib import Path
 import pytest
 
 from asft.evaluation.benchmarks import (
+    BENCHMARK_FORMATS,
+    CHOICE_FORMATS,
+    MATH_FORMATS,
     BenchmarkFormatError,
+    Example,
     last_boxed,
     load_benchmark,
     load_normalized,
     normalize_benchmark,
 )
-from tests.conftest import SHARED_BENCHMARKS
 
+SHARED_BENCHMARKS = Path(__file__).parents[1].parent / "shared/data/benchmarks"
 needs_shared = pytest.mark.skipif(not SHARED_BENCHMARKS.exists(), reason="shared benchmark files not present")
 
 
-def _lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _write(path: Path, *records: dict | str) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def test_format_names() -> None:
+    assert set(MATH_FORMATS) | set(CHOICE_FORMATS) == set(BENCHMARK_FORMATS) and len(BENCHMARK_FORMATS) == 9
+    assert not set(MATH_FORMATS) & set(CHOICE_FORMATS)
+    with pytest.raises(ValueError, match="unknown benchmark format"):
+        load_benchmark("math", "unused.jsonl")
 
 
 @needs_shared
 @pytest.mark.parametrize(
-    ("name", "folder"),
-    [("math500", "math_oai"), ("aime24", "aime24"), ("amc23", "amc23"), ("gsm8k", "gsm8k"), ("medqa", "medqa")],
+    ("name", "folder", "count"),
+    [("math500", "math_oai", 500), ("aime24", "aime24", 30), ("amc23", "amc23", 40), ("gsm8k", "gsm8k", 1319)]
+    + [("medqa", "medqa", 1273)],
 )
-def test_real_files_load_completely(name: str, folder: str, tmp_path: Path) -> None:
+def test_real_files_load_and_round_trip(name: str, folder: str, count: int, tmp_path: Path) -> None:
     path = SHARED_BENCHMARKS / folder / "test.jsonl"
     examples = load_benchmark(name, path)
-    assert len(examples) == len(_lines(path))
-    assert all(e.question and e.gold for e in examples)
+    assert len(examples) == len(_rows(path)) == count
+    assert all(e.question.strip() and e.gold.strip() for e in examples)
+    assert {e.kind for e in examples} == {"choice" if name in CHOICE_FORMATS else "math"}
     out = tmp_path / "normalized.jsonl"
-    assert normalize_benchmark(name, path, out) == len(examples)
+    assert normalize_benchmark(name, path, out) == count
     assert load_normalized(out) == examples
+    assert set(json.loads(out.read_text().splitlines()[0])) == {"id", "question", "gold", "choices", "kind"}
 
 
 @needs_shared
-def test_gold_answers_of_real_files() -> None:
+def test_real_field_mapping() -> None:
+    math = load_benchmark("math500", SHARED_BENCHMARKS / "math_oai/test.jsonl")
+    raw = _rows(SHARED_BENCHMARKS / "math_oai/test.jsonl")
+    assert (math[0].id, math[0].question, math[0].gold) == (raw[0]["unique_id"], raw[0]["problem"], raw[0]["answer"])
+    assert math[0].choices is None and math[0].kind == "math"
+
     gsm = load_benchmark("gsm8k", SHARED_BENCHMARKS / "gsm8k/test.jsonl")
-    raw = _lines(SHARED_BENCHMARKS / "gsm8k/test.jsonl")[0]
-    assert gsm[0].gold == raw["answer"].split("####")[-1].strip().replace(",", "")
-    medqa = load_benchmark("medqa", SHARED_BENCHMARKS / "medqa/test.jsonl")[0]
-    raw = _lines(SHARED_BENCHMARKS / "medqa/test.jsonl")[0]
-    assert medqa.kind == "choice" and medqa.gold == raw["answer_idx"]
-    assert medqa.choices[ord(medqa.gold) - ord("A")] == raw["options"][raw["answer_idx"]]
+    assert gsm[0].gold == "18" and gsm[0].id == "0" and gsm[-1].id == "1318"  # "... #### 18"; no id field
+    assert all("," not in e.gold and e.gold.lstrip("-").replace(".", "").isdigit() for e in gsm)
+
+    amc = load_benchmark("amc23", SHARED_BENCHMARKS / "amc23/test.jsonl")
+    assert amc[0].gold == "27.0" and amc[0].id == "0"  # the file stores the float 27.0
+    aime = load_benchmark("aime24", SHARED_BENCHMARKS / "aime24/test.jsonl")
+    assert (aime[0].id, aime[0].gold) == ("60", "204")
+
+    medqa = load_benchmark("medqa", SHARED_BENCHMARKS / "medqa/test.jsonl")
+    raw = _rows(SHARED_BENCHMARKS / "medqa/test.jsonl")[0]
+    assert medqa[0].kind == "choice" and medqa[0].gold == raw["answer_idx"] == "B"
+    assert medqa[0].choices == tuple(raw["options"][k] for k in "ABCD")
+    assert medqa[0].choices[ord(medqa[0].gold) - ord("A")] == raw["answer"]
 
 
-def test_other_formats(tmp_path: Path) -> None:
-    minerva = tmp_path / "minerva.jsonl"
-    minerva.write_text(
-        json.dumps({"problem": "p", "solution": "x \\boxed{1} then \\boxed{\\frac{a}{b}}", "idx": 3}) + "\n"
+def test_minerva_takes_the_last_boxed_answer(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "minerva.jsonl",
+        {"problem": "p", "solution": "x \\boxed{1} then \\boxed{\\frac{a}{b}}", "type": "Physics", "idx": 3},
+        {"problem": "q", "solution": "so $\\boxed{6 \\times 10^{24}}$ kg.", "type": "Astronomy"},
     )
-    assert load_benchmark("minerva_math", minerva)[0].gold == "\\frac{a}{b}"
-    olympiad = tmp_path / "olympiad.jsonl"
-    record = {"id": 7, "question": "q", "final_answer": ["$3$", "$-1$"], "is_multiple_answer": True, "context": None}
-    olympiad.write_text(json.dumps(record) + "\n")
-    example = load_benchmark("olympiadbench", olympiad)[0]
-    assert (example.id, example.gold) == ("7", "3, -1")
-    olympiad.write_text(json.dumps({**record, "final_answer": ["$69$,$84$"]}) + "\n")
-    assert load_benchmark("olympiadbench", olympiad)[0].gold == "69,84"  # the harness's own multi-answer form
-    medmcqa = tmp_path / "medmcqa.jsonl"
-    medmcqa.write_text(json.dumps({"question": "q", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 2}) + "\n")
-    assert load_benchmark("medmcqa", medmcqa)[0].gold == "C"
-    mmlu = tmp_path / "mmlu.jsonl"
-    mmlu.write_text(
-        json.dumps({"subject": "anatomy", "question": "q", "choices": ["a", "b", "c", "d"], "answer": 3}) + "\n"
+    first, second = load_benchmark("minerva_math", path)
+    assert (first.id, first.gold, first.question) == ("3", "\\frac{a}{b}", "p")
+    assert (second.id, second.gold) == ("1", "6 \\times 10^{24}")  # no idx: the 0-based line index
+
+
+def test_olympiadbench_strips_dollars_and_joins_multiple_answers(tmp_path: Path) -> None:
+    record = {
+        "id": 7,
+        "question": "q",
+        "final_answer": ["$3$", "$-1$"],
+        "is_multiple_answer": True,
+        "unit": None,
+        "answer_type": "Numerical",
+        "subfield": "Algebra",
+        "context": None,
+    }
+    path = tmp_path / "olympiad.jsonl"
+    example = load_benchmark("olympiadbench", _write(path, record))[0]
+    assert (example.id, example.gold, example.question) == ("7", "3, -1", "q")
+    example = load_benchmark("olympiadbench", _write(path, {**record, "final_answer": ["$\\frac{1}{2}$"]}))[0]
+    assert example.gold == "\\frac{1}{2}"
+    assert load_benchmark("olympiadbench", _write(path, {**record, "final_answer": ["$\\$5$"]}))[0].gold == "\\$5"
+    with_context = load_benchmark("olympiadbench", _write(path, {**record, "context": "Let f(x) = x."}))[0]
+    assert with_context.question == "Let f(x) = x.\n\nq"
+
+
+def test_medmcqa_and_mmlu_map_zero_based_indices_to_letters(tmp_path: Path) -> None:
+    medmcqa = _write(
+        tmp_path / "medmcqa.jsonl", {"question": "q", "opa": "w", "opb": "x", "opc": "y", "opd": "z", "cop": 2}
     )
-    assert load_benchmark("mmlu_medical", mmlu)[0].gold == "D"
+    assert load_benchmark("medmcqa", medmcqa) == [Example("0", "q", "C", ("w", "x", "y", "z"), "choice")]
+    mmlu = _write(
+        tmp_path / "mmlu.jsonl",
+        {"subject": "anatomy", "question": "q", "choices": ["a", "b", "c", "d"], "answer": 3},
+        "",  # blank lines are skipped, and ids stay line indices
+        {"subject": "anatomy", "question": "r", "choices": ["a", "b", "c", "d"], "answer": 0},
+    )
+    examples = load_benchmark("mmlu_medical", mmlu)
+    assert [(e.id, e.gold) for e in examples] == [("0", "D"), ("2", "A")]
+    assert examples[0].choices == ("a", "b", "c", "d") and examples[0].kind == "choice"
+
+
+GOOD = {
+    "math500": {"problem": "p", "solution": "s", "answer": "1", "subject": "x", "level": 1, "unique_id": "u1"},
+    "minerva_math": {"problem": "p", "solution": "\\boxed{1}", "type": "t", "idx": 0},
+    "olympiadbench": {"id": 1, "question": "q", "final_answer": ["$1$"], "is_multiple_answer": False},
+    "aime24": {"id": 1, "problem": "p", "answer": "1", "url": "u"},
+    "gsm8k": {"question": "q", "answer": "x #### 1"},
+    "medqa": {"question": "q", "options": {"A": "a", "B": "b"}, "answer_idx": "A"},
+    "medmcqa": {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0},
+    "mmlu_medical": {"subject": "s", "question": "q", "choices": ["a", "b", "c", "d"], "answer": 0},
+}
 
 
 @pytest.mark.parametrize(
     ("name", "line", "message"),
     [
-        ("math500", "{oops", "bad.jsonl:2: not valid JSON"),
-        ("math500", json.dumps({"problem": "p"}), "bad.jsonl:2: missing field 'answer'"),
-        ("gsm8k", json.dumps({"question": "q", "answer": "42"}), "bad.jsonl:2: field 'answer' has no '####"),
-        (
-            "medmcqa",
-            json.dumps({"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 7}),
-            "out of range",
-        ),
-        ("mmlu_medical", json.dumps({"question": "q", "choices": "abcd", "answer": 1}), "field 'choices' has type str"),
+        ("math500", "{oops", "not valid JSON"),
+        ("math500", "[1, 2]", "expected a JSON object"),
+        ("math500", {"problem": "p"}, "missing field 'answer'"),
+        ("math500", {"problem": 3, "answer": "1"}, "field 'problem' has type int"),
+        ("aime24", {"id": 9, "problem": "p", "answer": True}, "field 'answer' has type bool"),
+        ("aime24", {"id": 9, "problem": "p", "answer": " "}, "field 'answer' is empty"),
+        ("minerva_math", {"problem": "p", "solution": "no box"}, "field 'solution' has no"),
+        ("olympiadbench", {"question": "q", "final_answer": "$1$"}, "field 'final_answer' has type str"),
+        ("olympiadbench", {"question": "q", "final_answer": []}, "field 'final_answer' must be a non-empty list"),
+        ("gsm8k", {"question": "q", "answer": "42"}, "field 'answer' has no '####"),
+        ("medqa", {"question": "q", "options": {"A": "a", "B": "b"}, "answer_idx": "E"}, "field 'answer_idx'"),
+        ("medqa", {"question": "q", "options": ["a", "b"], "answer_idx": "A"}, "field 'options' has type list"),
+        ("medmcqa", {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 7}, "field 'cop'"),
+        ("medmcqa", {"question": "q", "opa": "a", "opb": "b", "opc": "c", "cop": 1}, "missing field 'opd'"),
+        ("mmlu_medical", {"question": "q", "choices": "abcd", "answer": 1}, "field 'choices' has type str"),
+        ("mmlu_medical", {"question": "q", "choices": ["a", "b"], "answer": "B"}, "field 'answer' has type str"),
+        ("aime24", {"id": 1, "problem": "p", "answer": "2"}, "duplicate problem id '1' \\(first on line 1\\)"),
     ],
 )
-def test_malformed_lines_name_file_and_line(tmp_path: Path, name: str, line: str, message: str) -> None:
-    good = {
-        "math500": {"problem": "p", "answer": "1"},
-        "gsm8k": {"question": "q", "answer": "x #### 1"},
-        "medmcqa": {"question": "q", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0},
-        "mmlu_medical": {"question": "q", "choices": ["a", "b"], "answer": 0},
-    }[name]
-    path = tmp_path / "bad.jsonl"
-    path.write_text(json.dumps(good) + "\n" + line + "\n")
-    with pytest.raises(BenchmarkFormatError, match=message):
+def test_malformed_lines_name_file_line_and_field(tmp_path: Path, name: str, line: dict | str, message: str) -> None:
+    path = _write(tmp_path / "bad.jsonl", GOOD[name], "", line)  # the bad record is on line 3
+    with pytest.raises(BenchmarkFormatError, match=f"bad.jsonl:3: .*{message}"):
         load_benchmark(name, path)
+
+
+def test_good_fixtures_load_and_an_empty_file_is_an_error(tmp_path: Path) -> None:
+    for name, record in GOOD.items():
+        assert len(load_benchmark(name, _write(tmp_path / f"{name}.jsonl", record))) == 1
+    with pytest.raises(BenchmarkFormatError, match="empty.jsonl: no problems"):
+        load_benchmark("gsm8k", _write(tmp_path / "empty.jsonl", ""))
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"id": "1", "question": "q", "gold": "1", "choices": None, "kind": "essay"}, "field 'kind' must be one of"),
+        ({"id": "1", "question": "q", "gold": "E", "choices": ["a", "b"], "kind": "choice"}, "field 'gold' 'E'"),
+        ({"id": "1", "question": "q", "gold": "", "choices": ["a", "b"], "kind": "choice"}, "field 'gold' ''"),
+        ({"id": "1", "question": "q", "gold": "A", "choices": "ab", "kind": "choice"}, "field 'choices' must be"),
+        ({"id": 1, "question": "q", "gold": "1", "choices": None, "kind": "math"}, "field 'id' has type int"),
+        ({"question": "q", "gold": "1", "choices": None, "kind": "math"}, "missing field 'id'"),
+    ],
+)
+def test_malformed_normalized_lines(tmp_path: Path, record: dict, message: str) -> None:
+    good = {"id": "0", "question": "q", "gold": "1", "choices": None, "kind": "math"}
+    path = _write(tmp_path / "norm.jsonl", good, record)
+    with pytest.raises(BenchmarkFormatError, match=f"norm.jsonl:2: {message}"):
+        load_normalized(path)
+
+
+def test_normalize_round_trips_choices(tmp_path: Path) -> None:
+    src = _write(tmp_path / "medqa.jsonl", GOOD["medqa"])
+    dst = tmp_path / "out" / "medqa.norm.jsonl"
+    assert normalize_benchmark("medqa", src, dst) == 1
+    assert json.loads(dst.read_text()) == {
+        "id": "0",
+        "question": "q",
+        "gold": "A",
+        "choices": ["a", "b"],
+        "kind": "choice",
+    }
+    assert load_normalized(dst) == load_benchmark("medqa", src)
 
 
 def test_last_boxed() -> None:
     assert last_boxed("a \\boxed{x^{2}} b \\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
-    assert last_boxed("\\fbox{7}") == "7"
-    assert last_boxed("so \\boxed 5$") == "5"
+    assert last_boxed("\\boxed{\\{1, 2\\}} and \\boxed{\\begin{pmatrix}1\\\\2\\end{pmatrix}}") == (
+        "\\begin{pmatrix}1\\\\2\\end{pmatrix}"
+    )
+    assert last_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+    assert last_boxed("\\fbox{7}") == "7" and last_boxed("\\boxed{1} then \\fbox{7}") == "7"
+    assert last_boxed("so \\boxed 5$") == "5" and last_boxed("so \\boxed 5.") == "5"
+    assert last_boxed("\\boxed {3}") == "3"
     assert last_boxed("none") is None and last_boxed("\\boxed{unclosed") is None
+    assert last_boxed("\\boxed{1} and \\boxed{2") is None  # the final answer was cut off: no answer
+    assert last_boxed("\\boxedanswer{3}") is None

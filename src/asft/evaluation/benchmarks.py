@@ -6,18 +6,22 @@ gsm8k (math, graded with math-verify) and medqa, medmcqa, mmlu_medical (multiple
 
 from __future__ import annotations
 
-import json
+import re
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from asft.data import iter_json_objects
+from asft.data import iter_json_objects, write_jsonl
 
 MATH_FORMATS = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23", "gsm8k")
 CHOICE_FORMATS = ("medqa", "medmcqa", "mmlu_medical")
 BENCHMARK_FORMATS = MATH_FORMATS + CHOICE_FORMATS
+KINDS = ("math", "choice")
+Kind = Literal["math", "choice"]
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
 
 class BenchmarkFormatError(ValueError):
@@ -26,33 +30,41 @@ class BenchmarkFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
+    """One problem: the text shown to the model, the gold answer (a letter for multiple choice)."""
+
     id: str
     question: str
     gold: str
     choices: tuple[str, ...] | None = None
-    kind: str = "math"
+    kind: Kind = "math"
 
 
 def last_boxed(text: str) -> str | None:
-    r"""The content of the last \boxed{...} (or \fbox{...}, or `\boxed 5`), braces matched."""
-    index = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if index < 0:
+    r"""The content of the last \boxed{...} or \fbox{...} (braces matched, so nested braces survive), or of a
+    brace-less `\boxed 5`; None if there is none or the last one is never closed (a cut-off generation)."""
+    starts = list(_BOXED.finditer(text))
+    if not starts:
         return None
-    rest = text[index:]
-    rest = rest[len("\\boxed") :] if rest.startswith("\\boxed") else rest[len("\\fbox") :]
-    if rest.startswith(" "):
-        token = rest.strip().split("$")[0].split()
-        return token[0] if token else None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for position, char in enumerate(rest):
+    rest = text[starts[-1].end() :]
+    stripped = rest.lstrip()
+    if not stripped.startswith("{"):
+        if rest == stripped:  # "\boxed5" or "\boxed$": not the brace-less form
+            return None
+        token = re.match(r"[^\s$]+", stripped)
+        return (token.group(0).rstrip(".,;:") or None) if token else None
+    depth, position = 0, 0
+    while position < len(stripped):
+        char = stripped[position]
+        if char == "\\":  # an escaped character (\{, \}, \\) never opens or closes the box
+            position += 2
+            continue
         if char == "{":
             depth += 1
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return rest[1:position]
+                return stripped[1:position]
+        position += 1
     return None
 
 
@@ -73,59 +85,78 @@ class _Line:
             raise self.fail(f"field {field!r} has type {type(value).__name__}")
         return value
 
-    def id(self, field: str, index: int) -> str:
+    def text(self, field: str) -> str:
+        """A required, non-empty string field."""
+        value = self.get(field, str)
+        if not value.strip():
+            raise self.fail(f"field {field!r} is empty")
+        return value
+
+    def answer(self, field: str) -> str:
+        """A gold answer: a non-empty string, or a number as some copies store it (AIME "answer": 204)."""
+        value = str(self.get(field, (str, int, float))).strip()
+        if not value:
+            raise self.fail(f"field {field!r} is empty")
+        return value
+
+    def id(self, field: str) -> str:
+        """The file's own id when it has one, else the 0-based line index."""
         value = self.record.get(field)
-        return str(value) if value is not None else str(index)
+        return str(value) if value is not None else str(self.line_no - 1)
 
 
-def _answer_text(value: Any) -> str:
-    return str(value).strip()
+def _math500(line: _Line) -> Example:
+    return Example(line.id("unique_id"), line.text("problem"), line.answer("answer"))
 
 
-def _math500(line: _Line, index: int) -> Example:
-    return Example(
-        line.id("unique_id", index), line.get("problem", str), _answer_text(line.get("answer", (str, int, float)))
-    )
-
-
-def _minerva(line: _Line, index: int) -> Example:
+def _minerva(line: _Line) -> Example:
     gold = last_boxed(line.get("solution", str))
-    if gold is None:
+    if gold is None or not gold.strip():
         raise line.fail("field 'solution' has no \\boxed{} answer")
-    return Example(line.id("idx", index), line.get("problem", str), gold.strip())
+    return Example(line.id("idx"), line.text("problem"), gold.strip())
 
 
-def _olympiad(line: _Line, index: int) -> Example:
+_UNESCAPED_DOLLAR = re.compile(r"(?<!\\)\$")
+
+
+def _olympiad(line: _Line) -> Example:
     answers = line.get("final_answer", list)
     if not answers or not all(isinstance(a, str) for a in answers):
         raise line.fail("field 'final_answer' must be a non-empty list of strings")
-    cleaned = [a.replace("$", "").strip() for a in answers]  # "$69$,$84$" -> "69,84"
-    question = line.get("question", str)
+    # "$\frac{1}{2}$" -> "\frac{1}{2}"; "\$" (a currency sign) stays. Several answers -> "a, b" (a set to grade).
+    cleaned = [_UNESCAPED_DOLLAR.sub("", a).strip() for a in answers]
+    if not all(cleaned):
+        raise line.fail("field 'final_answer' has an empty answer")
+    question = line.text("question")
     context = line.record.get("context")
     if isinstance(context, str) and context.strip():
         question = context.strip() + "\n\n" + question
-    return Example(line.id("id", index), question, ", ".join(cleaned))
+    return Example(line.id("id"), question, ", ".join(cleaned))
 
 
-def _aime(line: _Line, index: int) -> Example:
-    return Example(line.id("id", index), line.get("problem", str), _answer_text(line.get("answer", (str, int, float))))
+def _aime(line: _Line) -> Example:
+    return Example(line.id("id"), line.text("problem"), line.answer("answer"))
 
 
-def _gsm8k(line: _Line, index: int) -> Example:
+def _gsm8k(line: _Line) -> Example:
     answer = line.get("answer", str)
     if "####" not in answer:
         raise line.fail("field 'answer' has no '#### <number>' line")
     gold = answer.rsplit("####", 1)[1].strip().replace(",", "")
-    return Example(line.id("id", index), line.get("question", str), gold)
+    if not gold:
+        raise line.fail("field 'answer' has nothing after '####'")
+    return Example(line.id("id"), line.text("question"), gold)
 
 
-def _choice(line: _Line, index: int, question: str, choices: list[str], gold_index: int) -> Example:
+def _choice(line: _Line, question: str, choices: list[str], gold_index: int, field: str) -> Example:
+    if len(choices) < 2:
+        raise line.fail(f"need at least two choices, got {len(choices)}")
     if not 0 <= gold_index < len(choices):
-        raise line.fail(f"answer index {gold_index} out of range for {len(choices)} options")
-    return Example(line.id("id", index), question, string.ascii_uppercase[gold_index], tuple(choices), "choice")
+        raise line.fail(f"field {field!r}: answer index {gold_index} out of range for {len(choices)} options")
+    return Example(line.id("id"), question, string.ascii_uppercase[gold_index], tuple(choices), "choice")
 
 
-def _medqa(line: _Line, index: int) -> Example:
+def _medqa(line: _Line) -> Example:
     options = line.get("options", dict)
     letters = sorted(options)
     letter = line.get("answer_idx", str).strip()
@@ -133,20 +164,23 @@ def _medqa(line: _Line, index: int) -> Example:
         raise line.fail(f"field 'answer_idx' {letter!r} is not one of the options {letters}")
     if letters != list(string.ascii_uppercase[: len(letters)]):
         raise line.fail(f"field 'options' keys must be A, B, C, ... (got {letters})")
-    return _choice(line, index, line.get("question", str), [str(options[k]) for k in letters], letters.index(letter))
+    choices = [str(options[k]) for k in letters]
+    return _choice(line, line.text("question"), choices, letters.index(letter), "answer_idx")
 
 
-def _medmcqa(line: _Line, index: int) -> Example:
+def _medmcqa(line: _Line) -> Example:
     choices = [str(line.get(key, (str, int, float))) for key in ("opa", "opb", "opc", "opd")]
-    return _choice(line, index, line.get("question", str), choices, line.get("cop", int))
+    return _choice(line, line.text("question"), choices, line.get("cop", int), "cop")
 
 
-def _mmlu(line: _Line, index: int) -> Example:
-    choices = [str(c) for c in line.get("choices", list)]
-    return _choice(line, index, line.get("question", str), choices, line.get("answer", int))
+def _mmlu(line: _Line) -> Example:
+    choices = line.get("choices", list)
+    if not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+        raise line.fail("field 'choices' must be a list of strings")
+    return _choice(line, line.text("question"), [str(c) for c in choices], line.get("answer", int), "answer")
 
 
-LOADERS: dict[str, Callable[[_Line, int], Example]] = {
+LOADERS: dict[str, Callable[[_Line], Example]] = {
     "math500": _math500,
     "minerva_math": _minerva,
     "olympiadbench": _olympiad,
@@ -169,37 +203,60 @@ def load_benchmark(name: str, path: str | Path) -> list[Example]:
     if name not in LOADERS:
         raise ValueError(f"unknown benchmark format {name!r}; expected one of {BENCHMARK_FORMATS}")
     path = Path(path)
-    examples = [LOADERS[name](line, index) for index, line in enumerate(_records(path))]
-    if not examples:
+    loader = LOADERS[name]
+    return _check_ids(path, [(line.line_no, loader(line)) for line in _records(path)])
+
+
+def _check_ids(path: Path, numbered: list[tuple[int, Example]]) -> list[Example]:
+    """Results are keyed by problem id, so an empty file or a repeated id would silently corrupt the scores."""
+    if not numbered:
         raise BenchmarkFormatError(f"{path}: no problems")
-    ids = [e.id for e in examples]
-    if len(set(ids)) != len(ids):
-        raise BenchmarkFormatError(f"{path}: duplicate problem ids")
-    return examples
+    first_line: dict[str, int] = {}
+    for line_no, example in numbered:
+        if example.id in first_line:
+            raise BenchmarkFormatError(
+                f"{path}:{line_no}: duplicate problem id {example.id!r} (first on line {first_line[example.id]})"
+            )
+        first_line[example.id] = line_no
+    return [example for _, example in numbered]
 
 
 def normalize_benchmark(name: str, src_path: str | Path, dst_path: str | Path) -> int:
-    """Write the normalised JSONL (id, question, gold, choices, kind); returns the problem count."""
+    """Write the normalised JSONL (id, question, gold, choices, kind), atomically; returns the problem count.
+
+    Evaluation reads only this form, so every published format is validated once, here, with its own line numbers.
+    """
     examples = load_benchmark(name, src_path)
-    with Path(dst_path).open("w", encoding="utf-8") as handle:
-        for example in examples:
-            handle.write(json.dumps(asdict(example), ensure_ascii=False) + "\n")
-    return len(examples)
+    return write_jsonl(dst_path, (asdict(example) for example in examples))
 
 
 def load_normalized(path: str | Path) -> list[Example]:
-    """Read a normalised benchmark file back."""
+    """Read a normalised benchmark file back, checking it as strictly as the published formats."""
     path = Path(path)
-    examples = []
+    examples: list[tuple[int, Example]] = []
     for line in _records(path):
+        kind = line.get("kind", str)
+        if kind not in KINDS:
+            raise line.fail(f"field 'kind' must be one of {KINDS}, got {kind!r}")
         choices = line.record.get("choices")
+        if choices is not None and not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+            raise line.fail("field 'choices' must be a list of strings or null")
+        gold = line.get("gold", str)
+        if kind == "choice":
+            if not choices or len(choices) < 2:
+                raise line.fail("a 'choice' problem needs at least two choices")
+            if gold not in tuple(string.ascii_uppercase[: len(choices)]):
+                raise line.fail(f"field 'gold' {gold!r} is not a letter of the {len(choices)} choices")
         examples.append(
-            Example(
-                id=line.get("id", str),
-                question=line.get("question", str),
-                gold=line.get("gold", str),
-                choices=tuple(choices) if choices is not None else None,
-                kind=line.get("kind", str),
+            (
+                line.line_no,
+                Example(
+                    id=line.get("id", str),
+                    question=line.get("question", str),
+                    gold=gold,
+                    choices=tuple(choices) if choices is not None else None,
+                    kind=kind,
+                ),
             )
         )
-    return examples
+    return _check_ids(path, examples)
