@@ -128,6 +128,31 @@ def test_medmcqa_and_mmlu_map_zero_based_indices_to_letters(tmp_path: Path) -> N
     assert examples[0].choices == ("a", "b", "c", "d") and examples[0].kind == "choice"
 
 
+def _open_medical(id_: str, question: str, options: dict, correct: str) -> dict:
+    """A record in the Open Medical-LLM Leaderboard layout (openlifescienceai/medqa, openlifescienceai/mmlu_*)."""
+    data = {"Question": question, "Options": options, "Correct Answer": options.get(correct), "Correct Option": correct}
+    return {"id": id_, "data": data, "subject_name": "anatomy"}
+
+
+@pytest.mark.parametrize("name", ["medqa", "mmlu_medical"])
+def test_open_medical_layout_is_read_for_medqa_and_mmlu(tmp_path: Path, name: str) -> None:
+    path = _write(
+        tmp_path / "open.jsonl",
+        _open_medical("u-1", "q1", {"A": "w", "B": "x", "C": "y", "D": "z"}, "C"),
+        _open_medical("u-2", "q2", {"B": "x", "A": "w", "C": "y", "D": "z"}, "A"),  # key order does not matter
+    )
+    assert load_benchmark(name, path) == [
+        Example("u-1", "q1", "C", ("w", "x", "y", "z"), "choice"),
+        Example("u-2", "q2", "A", ("w", "x", "y", "z"), "choice"),
+    ]
+    bad = _write(tmp_path / "bad.jsonl", {"id": "u", "data": {"Options": {"A": "a", "B": "b"}, "Correct Option": "A"}})
+    with pytest.raises(BenchmarkFormatError, match="bad.jsonl:1: missing field 'data.Question'"):
+        load_benchmark(name, bad)
+    wrong = _write(tmp_path / "wrong.jsonl", _open_medical("u", "q", {"A": "a", "B": "b"}, "E"))
+    with pytest.raises(BenchmarkFormatError, match="wrong.jsonl:1: field 'data.Correct Option' 'E' is not one"):
+        load_benchmark(name, wrong)
+
+
 GOOD = {
     "math500": {"problem": "p", "solution": "s", "answer": "1", "subject": "x", "level": 1, "unique_id": "u1"},
     "minerva_math": {"problem": "p", "solution": "\\boxed{1}", "type": "t", "idx": 0},

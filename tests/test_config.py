@@ -55,6 +55,14 @@ def test_demo_config_is_valid_and_filled(config: dict) -> None:
         ),
         (lambda c: c["benchmarks"]["arith"].update(format="math501"), "benchmarks.arith.format"),
         (
+            lambda c: c["benchmarks"]["arith"].update(source=[{"path": "a.jsonl"}, {"hub": "x/y"}]),
+            "benchmarks.arith.source[1]: a source needs exactly one of",
+        ),
+        (
+            lambda c: c["benchmarks"]["arith"].update(source=[{"path": "a.jsonl", "revison": "abc"}]),
+            "benchmarks.arith.source[0]: Additional properties",
+        ),
+        (
             lambda c: c["experiments"]["demo"].update(modes=["sft"], kl_weights=[0.1]),
             "none of the experiment's",
         ),
@@ -136,6 +144,14 @@ def test_deepspeed_file_is_checked(config: dict, tmp_path) -> None:
         validate_config(config)
     training["finetune"] = "lora"
     validate_config(config)
+
+
+def test_lora_direct_needs_a_lora_experiment(config: dict) -> None:
+    config["experiments"]["demo"]["evaluation"]["lora_direct"] = True
+    validate_config(config)
+    config["experiments"]["demo"]["training"]["finetune"] = "full"
+    with pytest.raises(ConfigError, match="experiments.demo.evaluation.lora_direct: needs training.finetune: lora"):
+        validate_config(config)
 
 
 def test_shipped_configs_are_valid() -> None:

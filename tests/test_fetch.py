@@ -100,3 +100,20 @@ def test_paper_benchmark_checksums_match_the_real_files(tmp_path: Path) -> None:
         entry = {"format": name, "source": {"url": local.as_uri(), "sha256": benchmarks[name]["source"]["sha256"]}}
         count = fetch_benchmark(entry, tmp_path / f"{name}.jsonl")
         assert count == sum(1 for line in local.read_text().splitlines() if line.strip())
+
+
+def test_benchmark_sources_in_a_list_are_concatenated(tmp_path: Path) -> None:
+    """MMLU's medical subjects come as one hub repo each; the benchmark is their rows in order."""
+    from asft.fetch import fetch_benchmark
+
+    rows = [
+        {"subject": s, "question": f"{s}?", "choices": ["a", "b", "c", "d"], "answer": i} for i, s in enumerate("xy")
+    ]
+    first, second = tmp_path / "x.jsonl", tmp_path / "y.jsonl"
+    first.write_text(json.dumps(rows[0]) + "\n")
+    second.write_text(json.dumps(rows[1]) + "\n")
+    entry = {"format": "mmlu_medical", "source": [{"path": str(first)}, {"path": str(second)}]}
+    out = tmp_path / "out" / "mmlu.jsonl"
+    assert fetch_benchmark(entry, out) == 2
+    normalised = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["question"], r["gold"]) for r in normalised] == [("0", "x?", "A"), ("1", "y?", "B")]

@@ -160,6 +160,23 @@ def test_adding_a_benchmark_retrains_nothing(finished_workflow: tuple[Path, dict
         write_config(workdir, config)
 
 
+def test_lora_direct_skips_the_merge(finished_workflow: tuple[Path, dict]) -> None:
+    """evaluation.lora_direct re-evaluates the runs from base model + adapter; nothing is retrained or merged."""
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["experiments"]["demo"]["evaluation"]["lora_direct"] = True
+    write_config(workdir, edited)
+    try:
+        result = snakemake(workdir, "-n", "-p")
+        assert planned_jobs(result) == {"evaluate_run": 2, "aggregate": 1, "all": 1}
+        text = result.stdout + result.stderr
+        commands = re.findall(r"^\s*Shell command: (asft evaluate .*)$", text, re.M)
+        assert len(commands) == 2, text
+        assert all("--model resources/models/tiny --adapter results/demo/runs/tiny/" in c for c in commands)
+    finally:
+        write_config(workdir, config)
+
+
 def test_invalid_config_fails_before_planning(finished_workflow: tuple[Path, dict]) -> None:
     workdir, config = finished_workflow
     edited = copy.deepcopy(config)

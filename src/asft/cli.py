@@ -79,7 +79,7 @@ def _cmd_merge(args: argparse.Namespace) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from asft.evaluation.runner import evaluate
 
-    metrics = evaluate(args.model, args.benchmark, args.spec, args.out_dir, run_info=args.run)
+    metrics = evaluate(args.model, args.benchmark, args.spec, args.out_dir, run_info=args.run, adapter_dir=args.adapter)
     print(json.dumps({k: metrics[k] for k in ("benchmark", "avg_at_n", "n_problems", "n_samples")}))
 
 
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="evaluate one model on one benchmark")
     p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--adapter", type=Path, default=None, help="LoRA adapter applied to --model, not merged")
     p.add_argument("--benchmark", type=Path, required=True, help="normalised benchmark JSONL")
     p.add_argument("--spec", type=_json_arg, required=True)
     p.add_argument("--run", type=_json_arg, default=None, help="JSON identity of the run, copied to metrics")

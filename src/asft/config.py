@@ -56,12 +56,17 @@ def _key_path(path: Any) -> str:
 
 def _describe(error: jsonschema.ValidationError) -> str:
     """One readable line for a schema error, descending into oneOf so the real cause is named."""
-    if error.validator == "oneOf" and isinstance(error.instance, dict) and "source" in str(error.absolute_path):
-        keys = sorted(k for k in ("hub", "url", "path", "demo") if k in error.instance)
-        return (
-            f"{_key_path(error.absolute_path)}: a source needs exactly one of hub (+revision), url (+sha256), "
-            f"path or demo; got {keys or 'none'}"
-        )
+    if error.validator == "oneOf" and "source" in str(error.absolute_path):
+        if isinstance(error.instance, list):  # a benchmark's list of sources: name the first bad item
+            item_errors = [e for e in error.context if e.relative_schema_path[0] == 1 and len(e.absolute_path) > 2]
+            if item_errors:
+                return _describe(min(item_errors, key=lambda e: list(e.absolute_path)))
+        elif isinstance(error.instance, dict):
+            keys = sorted(k for k in ("hub", "url", "path", "demo") if k in error.instance)
+            return (
+                f"{_key_path(error.absolute_path)}: a source needs exactly one of hub (+revision), url (+sha256), "
+                f"path or demo; got {keys or 'none'}"
+            )
     return f"{_key_path(error.absolute_path)}: {error.message}"
 
 
@@ -105,6 +110,11 @@ def _check_references(config: dict, source: str) -> None:
                 "(kl_weight > 0)"
             )
         problems += _deepspeed_problems(exp_name, exp["training"])
+        if exp["evaluation"]["lora_direct"] and exp["training"]["finetune"] != "lora":
+            problems.append(
+                f"experiments.{exp_name}.evaluation.lora_direct: needs training.finetune: lora "
+                f"(got {exp['training']['finetune']!r}; a full fine-tune has no adapter)"
+            )
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -244,6 +254,12 @@ def eval_spec(config: Mapping[str, Any], experiment: str, benchmark: str) -> dic
         "dtype": exp_eval["dtype"],
         "trust_remote_code": config["experiments"][experiment]["training"]["trust_remote_code"],
     }
+
+
+def source_list(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An entry's sources as a list: benchmarks may concatenate several (one per MMLU subject, say)."""
+    source = entry["source"]
+    return list(source) if isinstance(source, list) else [source]
 
 
 def canonical_json(value: Any) -> str:

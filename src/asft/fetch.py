@@ -150,20 +150,24 @@ def fetch_dataset(dataset: dict, out_path: Path, demo_dir: Path | None = None) -
 
 def fetch_benchmark(benchmark: dict, out_path: Path, demo_dir: Path | None = None) -> int:
     """Write the normalised benchmark JSONL (id, question, gold, choices, kind); returns the problem count."""
+    from asft.config import source_list
     from asft.evaluation.benchmarks import normalize_benchmark
 
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    source = benchmark["source"]
+    sources = source_list(benchmark)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as work:
-        local = Path(source["path"]).expanduser() if "path" in source else None
-        if "demo" in source:
-            local = _demo_path(source, demo_dir)
+        local = None
+        if len(sources) == 1 and "path" in sources[0]:
+            local = Path(sources[0]["path"]).expanduser()
+        elif len(sources) == 1 and "demo" in sources[0]:
+            local = _demo_path(sources[0], demo_dir)
         if local is not None and local.suffix == ".jsonl":
             raw = local  # normalise in place so format errors name the user's own file and line
         else:
             raw = Path(work) / "raw.jsonl"
-            write_jsonl(raw, source_rows(source, Path(work), demo_dir))
+            rows = (row for source in sources for row in source_rows(source, Path(work), demo_dir))
+            write_jsonl(raw, rows)
         tmp = out_path.with_name(out_path.name + ".tmp")
         normalize_benchmark(benchmark["format"], raw, tmp)
         os.replace(tmp, out_path)

@@ -9,6 +9,7 @@ from asft.config import (
     eval_spec,
     find_run,
     iter_runs,
+    source_list,
     train_spec,
     validate_config,
 )
@@ -40,7 +41,7 @@ def run_of(wildcards):
 
 
 def uses_demo(entry):
-    return "demo" in entry["source"]
+    return any("demo" in source for source in source_list(entry))
 
 
 def demo_input(entry):
@@ -56,10 +57,22 @@ def run_dir(w):
     return f"results/{w.experiment}/runs/{w.model}/{w.dataset}/{w.mode}/seed{w.seed}"
 
 
+def lora_direct(experiment):
+    return CONFIG["experiments"][experiment]["evaluation"]["lora_direct"]
+
+
 def evaluated_model(wildcards):
-    """Merged weights for LoRA runs; full fine-tunes are evaluated straight from the training output."""
+    """Merged weights for LoRA runs (the base model when the adapter is applied directly); full fine-tunes are
+    evaluated straight from the training output."""
+    if lora_direct(wildcards.experiment):
+        return f"resources/models/{wildcards.model}"
     sub = "merged" if is_lora(wildcards.experiment) else "train"
     return f"{run_dir(wildcards)}/{sub}"
+
+
+def evaluated_adapter(wildcards):
+    """The run's adapter, for experiments that evaluate it without merging."""
+    return [f"{run_dir(wildcards)}/train"] if lora_direct(wildcards.experiment) else []
 
 
 def run_identity(run):

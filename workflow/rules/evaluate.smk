@@ -4,6 +4,7 @@
 rule evaluate_run:
     input:
         model=evaluated_model,
+        adapter=evaluated_adapter,
         benchmark="resources/benchmarks/{benchmark}.jsonl",
     output:
         metrics="results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/eval/{benchmark}/metrics.json",
@@ -20,8 +21,9 @@ rule evaluate_run:
         spec=lambda w: canonical_json(eval_spec(CONFIG, w.experiment, w.benchmark)),
         run=lambda w: canonical_json(run_identity(run_of(w))),
         out_dir=lambda w, output: str(Path(output.metrics).parent),
+        adapter=lambda w, input: f"--adapter {input.adapter}" if input.adapter else "",
     shell:
-        "asft evaluate --model {input.model} --benchmark {input.benchmark} --spec {params.spec:q}"
+        "asft evaluate --model {input.model} {params.adapter} --benchmark {input.benchmark} --spec {params.spec:q}"
         " --run {params.run:q} --out-dir {params.out_dir} > {log} 2>&1"
 
 

@@ -72,10 +72,13 @@ class TransformersBackend:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         batch_size: int = 16,
+        adapter_dir: str | Path | None = None,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        # A run's tokenizer is saved with its adapter; the base model's is used only for the base model itself.
+        tokenizer_dir = adapter_dir or model_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -84,6 +87,10 @@ class TransformersBackend:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
         ).to(device)
+        if adapter_dir is not None:  # the adapter applied at inference, not merged (evaluation.lora_direct)
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, str(adapter_dir))
         self.model.eval()
         self.batch_size = batch_size
         self.eos_token_ids = self._eos_ids()

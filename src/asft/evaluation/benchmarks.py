@@ -2,6 +2,8 @@
 
 Formats (one JSON object per line), as in DESIGN.md: math500, minerva_math, olympiadbench, aime24, amc23,
 gsm8k (math, graded with math-verify) and medqa, medmcqa, mmlu_medical (multiple choice, graded by letter).
+medqa and mmlu_medical also accept the Open Medical-LLM Leaderboard's nested layout (openlifescienceai/* on the
+hub), which is where pinned revisions of them are published.
 """
 
 from __future__ import annotations
@@ -71,25 +73,25 @@ def last_boxed(text: str) -> str | None:
 class _Line:
     """Field access for one record that raises errors naming the file, line and field."""
 
-    def __init__(self, record: dict[str, Any], path: Path, line_no: int) -> None:
-        self.record, self.path, self.line_no = record, path, line_no
+    def __init__(self, record: dict[str, Any], path: Path, line_no: int, prefix: str = "") -> None:
+        self.record, self.path, self.line_no, self.prefix = record, path, line_no, prefix
 
     def fail(self, message: str) -> BenchmarkFormatError:
         return BenchmarkFormatError(f"{self.path}:{self.line_no}: {message}")
 
     def get(self, field: str, kind: type | tuple[type, ...]) -> Any:
         if field not in self.record:
-            raise self.fail(f"missing field {field!r}")
+            raise self.fail(f"missing field {self.prefix + field!r}")
         value = self.record[field]
         if not isinstance(value, kind) or isinstance(value, bool):  # bool is an int subclass; never valid here
-            raise self.fail(f"field {field!r} has type {type(value).__name__}")
+            raise self.fail(f"field {self.prefix + field!r} has type {type(value).__name__}")
         return value
 
     def text(self, field: str) -> str:
         """A required, non-empty string field."""
         value = self.get(field, str)
         if not value.strip():
-            raise self.fail(f"field {field!r} is empty")
+            raise self.fail(f"field {self.prefix + field!r} is empty")
         return value
 
     def answer(self, field: str) -> str:
@@ -156,16 +158,37 @@ def _choice(line: _Line, question: str, choices: list[str], gold_index: int, fie
     return Example(line.id("id"), question, string.ascii_uppercase[gold_index], tuple(choices), "choice")
 
 
-def _medqa(line: _Line) -> Example:
-    options = line.get("options", dict)
+def _lettered(line: _Line, question: str, options: dict, letter: str, field: str, options_field: str) -> Example:
+    """Options keyed by letter ({"A": ..., "B": ...}) and the gold letter."""
     letters = sorted(options)
-    letter = line.get("answer_idx", str).strip()
+    letter = letter.strip()
     if letter not in options:
-        raise line.fail(f"field 'answer_idx' {letter!r} is not one of the options {letters}")
+        raise line.fail(f"field {field!r} {letter!r} is not one of the options {letters}")
     if letters != list(string.ascii_uppercase[: len(letters)]):
-        raise line.fail(f"field 'options' keys must be A, B, C, ... (got {letters})")
-    choices = [str(options[k]) for k in letters]
-    return _choice(line, line.text("question"), choices, letters.index(letter), "answer_idx")
+        raise line.fail(f"field {options_field!r} keys must be A, B, C, ... (got {letters})")
+    return _choice(line, question, [str(options[k]) for k in letters], letters.index(letter), field)
+
+
+def _open_medical(line: _Line) -> Example:
+    """The Open Medical-LLM Leaderboard layout (openlifescienceai/medqa, openlifescienceai/mmlu_*):
+    {"id", "data": {"Question", "Options": {"A": ...}, "Correct Option": "A", ...}, "subject_name"}."""
+    nested = _Line(line.get("data", dict), line.path, line.line_no, prefix="data.")
+    return _lettered(
+        line,
+        nested.text("Question"),
+        nested.get("Options", dict),
+        nested.get("Correct Option", str),
+        "data.Correct Option",
+        "data.Options",
+    )
+
+
+def _medqa(line: _Line) -> Example:
+    if "data" in line.record:
+        return _open_medical(line)
+    return _lettered(
+        line, line.text("question"), line.get("options", dict), line.get("answer_idx", str), "answer_idx", "options"
+    )
 
 
 def _medmcqa(line: _Line) -> Example:
@@ -174,6 +197,8 @@ def _medmcqa(line: _Line) -> Example:
 
 
 def _mmlu(line: _Line) -> Example:
+    if "data" in line.record:
+        return _open_medical(line)
     choices = line.get("choices", list)
     if not all(isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
         raise line.fail("field 'choices' must be a list of strings")

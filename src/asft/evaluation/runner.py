@@ -166,8 +166,18 @@ def _write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, run_info: dict | None = None) -> dict:
-    """Evaluate one model on one normalised benchmark file; returns the metrics dict."""
+def evaluate(
+    model_dir: Path,
+    benchmark_path: Path,
+    spec: dict,
+    out_dir: Path,
+    run_info: dict | None = None,
+    adapter_dir: Path | None = None,
+) -> dict:
+    """Evaluate one model (or a base model with a LoRA adapter applied) on one normalised benchmark file.
+
+    Returns the metrics dict.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     examples = load_normalized(benchmark_path)  # a malformed benchmark fails before the model loads
     if spec.get("max_problems"):
@@ -178,11 +188,16 @@ def evaluate(model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, r
         "trust_remote_code": spec["trust_remote_code"],
         "batch_size": spec["batch_size"],
     }
+    if adapter_dir is not None:
+        options["adapter_dir"] = adapter_dir
     backend = make_backend(spec["backend"], model_dir, **options)
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
 
     partial = out_dir / PARTIAL
-    _discard_if_stale(partial, {"spec": spec, "model": str(model_dir), "benchmark": str(benchmark_path)})
+    adapter = None if adapter_dir is None else str(adapter_dir)
+    _discard_if_stale(
+        partial, {"spec": spec, "model": str(model_dir), "adapter": adapter, "benchmark": str(benchmark_path)}
+    )
     done = {(r["id"], r["sample"]) for r in read_done(partial)}
     if done:
         log.info("resuming: %d samples already generated", len(done))
@@ -209,6 +224,7 @@ def evaluate(model_dir: Path, benchmark_path: Path, spec: dict, out_dir: Path, r
             "sampling": spec["sampling"] if kind == "math" else {"n": 1, "method": "letter-logprob"},
             "backend": backend.name,
             "model_path": str(model_dir),
+            "adapter_path": adapter,
             "run": run_info or {},
             "seconds": time.perf_counter() - started,
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +24,22 @@ def _visible_gpus() -> int:
         return 1
 
 
+# The ranks vLLM's LoRA kernels are built for (`max_lora_rank` must be one of them).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_slot(adapter_dir: str | Path) -> int:
+    """The smallest rank vLLM accepts that holds the adapter's own rank (read from adapter_config.json)."""
+    config_path = Path(adapter_dir) / "adapter_config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path}: not a LoRA adapter (evaluation.lora_direct needs one)")
+    rank = int(json.loads(config_path.read_text())["r"])
+    for slot in VLLM_LORA_RANKS:
+        if rank <= slot:
+            return slot
+    raise ValueError(f"{config_path}: LoRA rank {rank} exceeds vLLM's largest ({VLLM_LORA_RANKS[-1]})")
+
+
 class VLLMBackend:
     name = "vllm"
 
@@ -35,6 +52,7 @@ class VLLMBackend:
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int | None = None,
         seed: int = 0,
+        adapter_dir: str | Path | None = None,
     ) -> None:
         import torch
 
@@ -43,6 +61,14 @@ class VLLMBackend:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        lora: dict[str, Any] = {}
+        self.lora_request = None
+        if adapter_dir is not None:  # evaluation.lora_direct: the adapter applied per request, never merged
+            from vllm.lora.request import LoRARequest
+
+            lora = {"enable_lora": True, "max_loras": 1, "max_lora_rank": lora_rank_slot(adapter_dir)}
+            lora["tokenizer"] = str(adapter_dir)  # the run's tokenizer is saved with its adapter
+            self.lora_request = LoRARequest("run", 1, str(adapter_dir))
         self.llm = LLM(
             model=str(model_dir),
             dtype=dtype,
@@ -51,6 +77,7 @@ class VLLMBackend:
             gpu_memory_utilization=gpu_memory_utilization or (0.9 if on_gpu else 0.3),
             enforce_eager=not on_gpu,
             seed=seed,
+            **lora,
         )
         self.tokenizer = self.llm.get_tokenizer()
 
@@ -65,7 +92,7 @@ class VLLMBackend:
             seed=params.seed,
             skip_special_tokens=True,
         )
-        outputs = self.llm.generate(list(prompts), sampling, use_tqdm=True)
+        outputs = self.llm.generate(list(prompts), sampling, use_tqdm=True, lora_request=self.lora_request)
         return [[choice.text for choice in output.outputs] for output in outputs]
 
     def choice_logprobs(self, prompts: Sequence[str], letters: Sequence[str]) -> list[dict[str, float]]:
@@ -73,7 +100,7 @@ class VLLMBackend:
 
         ids = letter_token_ids(self.tokenizer, letters)
         sampling = VLLMSamplingParams(max_tokens=1, temperature=0.0, logprobs=20, allowed_token_ids=list(ids.values()))
-        outputs = self.llm.generate(list(prompts), sampling, use_tqdm=True)
+        outputs = self.llm.generate(list(prompts), sampling, use_tqdm=True, lora_request=self.lora_request)
         results = []
         for output in outputs:
             ranked: dict[int, Any] = output.outputs[0].logprobs[0]
