@@ -154,6 +154,14 @@ def test_lora_direct_needs_a_lora_experiment(config: dict) -> None:
         validate_config(config)
 
 
+def test_optimizer_names_are_checked_before_any_job(config: dict) -> None:
+    config["experiments"]["demo"]["training"]["optim"] = "sgd"
+    validate_config(config)
+    config["experiments"]["demo"]["training"]["optim"] = "adamw_torhc"
+    with pytest.raises(ConfigError, match="experiments.demo.training.optim: 'adamw_torhc' is not one of"):
+        validate_config(config)
+
+
 def test_shipped_configs_are_valid() -> None:
     from asft.config import load_config
     from tests.conftest import REPO

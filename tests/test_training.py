@@ -118,3 +118,56 @@ def test_bad_training_data_fails_before_loading_the_model(tmp_path: Path, config
     with pytest.raises(ValueError, match="train.jsonl:1: field 'response'"):
         train(tmp_path / "no-model", data, _spec(config, "sft"), tmp_path / "out", tmp_path / "ckpt")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_update_as_gradient_accumulation(
+    small_demo: Path, tmp_path: Path, config: dict
+) -> None:
+    """Data parallel (torchrun, 2 CPU ranks, gloo) vs one process accumulating the same 2 micro-batches.
+
+    SGD, not Adam, so that a wrong loss scale (a rank-local N, or a missing world-size factor) changes the
+    update instead of being normalised away. asft exercises the LoRA reference under the DDP wrapper.
+    """
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = dict(
+        max_steps=2, per_device_train_batch_size=2, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant"
+    )
+    data = small_demo / "data/train.jsonl"
+    single = tmp_path / "single"
+    train(
+        small_demo / "model",
+        data,
+        _spec(config, "asft", gradient_accumulation_steps=2, **common),
+        single,
+        tmp_path / "c1",
+    )
+
+    ddp = tmp_path / "ddp"
+    spec = json.dumps(_spec(config, "asft", gradient_accumulation_steps=1, **common))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "asft.cli", "train", "--model", str(small_demo / "model"), "--data", str(data)]
+    command += ["--spec", spec, "--out", str(ddp), "--checkpoints", str(tmp_path / "c2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")  # gloo ranks on a GPU-less machine
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    assert json.loads((ddp / SUMMARY).read_text())["world_size"] == 2
+    assert not ddp.with_name("ddp.tmp").exists()
+    expected = load_file(single / "adapter_model.safetensors")
+    actual = load_file(ddp / "adapter_model.safetensors")
+    assert expected.keys() == actual.keys()
+    moved = max(float(t.abs().max()) for name, t in expected.items() if "lora_B" in name)
+    assert moved > 1e-3  # B starts at zero: the two steps really updated the adapter
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    single_log, ddp_log = _log(single), _log(ddp)
+    assert [r["step"] for r in ddp_log] == [1, 2]
+    for a, b in zip(single_log, ddp_log, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["target_tokens"] == a["target_tokens"]

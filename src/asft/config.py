@@ -110,6 +110,7 @@ def _check_references(config: dict, source: str) -> None:
                 "(kl_weight > 0)"
             )
         problems += _deepspeed_problems(exp_name, exp["training"])
+        problems += _optimizer_problems(exp_name, exp["training"])
         if exp["evaluation"]["lora_direct"] and exp["training"]["finetune"] != "lora":
             problems.append(
                 f"experiments.{exp_name}.evaluation.lora_direct: needs training.finetune: lora "
@@ -117,6 +118,18 @@ def _check_references(config: dict, source: str) -> None:
             )
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _optimizer_problems(exp_name: str, training: dict) -> list[str]:
+    """An unknown optimizer name would otherwise surface only after the model has loaded on a GPU node."""
+    if not training.get("optim"):
+        return []
+    from transformers.training_args import OptimizerNames  # only when set: importing transformers is slow
+
+    known = [name.value for name in OptimizerNames]
+    if training["optim"] in known:
+        return []
+    return [f"experiments.{exp_name}.training.optim: {training['optim']!r} is not one of {known}"]
 
 
 def _deepspeed_problems(exp_name: str, training: dict) -> list[str]:

@@ -121,6 +121,18 @@ def _make_trainer_class() -> type:
                     hidden = final_hidden_states(peft_model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
                 return hidden, None
 
+        def _gather_stats(self, stats: dict[str, float | int], with_kl: bool) -> dict[str, list[float]]:
+            """Every rank's per-micro-batch statistics, so the log describes the whole step, not rank 0's share.
+
+            Every rank calls this at the same point with the same keys (with_kl depends only on the step), as
+            the collective requires.
+            """
+            keys = [k for k in LOGGED_STATS if stats.get(k) is not None and (with_kl or k != "kl")]
+            local = torch.tensor([[float(stats[k]) for k in keys]], dtype=torch.float64, device=self.accelerator.device)
+            if self.accelerator.num_processes > 1:
+                local = self.accelerator.gather(local)  # [world, keys]
+            return {key: local[:, i].tolist() for i, key in enumerate(keys)}
+
         def compute_loss(
             self,
             model: torch.nn.Module,
@@ -154,12 +166,8 @@ def _make_trainer_class() -> type:
                 # N counts every rank's tokens and DDP averages gradients across ranks.
                 loss = loss * self.accelerator.num_processes
             mode = "train" if self.model.training else "eval"
-            for key in LOGGED_STATS:
-                if key == "kl" and ref_hidden is None:
-                    continue
-                value = stats.get(key)
-                if value is not None:
-                    self._metrics[mode][key].append(float(value))
+            for key, values in self._gather_stats(stats, with_kl=ref_hidden is not None).items():
+                self._metrics[mode][key].extend(values)
             if mode == "train":
                 self._total_train_tokens += int(inputs["attention_mask"].sum())
                 self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
@@ -233,6 +241,7 @@ def _sft_config(settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dt
         lr_scheduler_type=settings["lr_scheduler_type"],
         warmup_steps=float(settings["warmup_ratio"]),  # a float in [0, 1) is a ratio of all steps
         weight_decay=settings["weight_decay"],
+        **({"optim": settings["optim"]} if settings["optim"] else {}),
         num_train_epochs=settings["num_train_epochs"],
         max_steps=settings["max_steps"],
         per_device_train_batch_size=settings["per_device_train_batch_size"],
@@ -289,15 +298,19 @@ def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoin
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
         ref_model.eval().requires_grad_(False)
 
+    # Under torchrun/accelerate every rank runs this function. Only the main process touches the run's files
+    # (the other ranks never read them), so no rank deletes or truncates what another is writing. The rank comes
+    # from the launcher's environment: the distributed state itself is set up later, by the Trainer.
+    is_main = int(os.environ.get("RANK", "0")) == 0
     tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    (tmp_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
-
     resume = get_last_checkpoint(str(checkpoint_dir)) if any(checkpoint_dir.glob("checkpoint-*")) else None
     log_path = checkpoint_dir / TRAIN_LOG
-    _truncate_log(log_path, int(resume.rsplit("-", 1)[1]) if resume else 0)
+    if is_main:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        (tmp_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+        _truncate_log(log_path, int(resume.rsplit("-", 1)[1]) if resume else 0)
 
     trainer_class = _make_trainer_class()
     trainer = trainer_class(
@@ -317,21 +330,23 @@ def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoin
         log.info("resuming from %s", resume)
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(tmp_dir))
-    tokenizer.save_pretrained(str(tmp_dir))
-    if not log_path.exists():
-        log_path.touch()
-    shutil.copyfile(log_path, tmp_dir / TRAIN_LOG)
+    trainer.save_model(str(tmp_dir))  # every rank: ZeRO-3 gathers the shards; only the main process writes
     summary = {
         "finetune": settings["finetune"],
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss if math.isfinite(result.training_loss) else None,
         "train_seconds": time.perf_counter() - started,
         "resumed_from": resume,
+        "world_size": trainer.accelerator.num_processes,
     }
-    (tmp_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
     if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(tmp_dir))
+        if not log_path.exists():
+            log_path.touch()
+        shutil.copyfile(log_path, tmp_dir / TRAIN_LOG)
+        (tmp_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)
+    trainer.accelerator.wait_for_everyone()
     return summary
