@@ -124,7 +124,8 @@ def test_bad_training_data_fails_before_loading_the_model(tmp_path: Path, config
 def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     small_demo: Path, tmp_path: Path, config: dict
 ) -> None:
-    """Data parallel (torchrun, 2 CPU ranks, gloo) vs one process accumulating the same 2 micro-batches.
+    """Data parallel (num_processes: 2 -> torchrun, 2 CPU ranks, gloo) vs one process accumulating the same 2
+    micro-batches.
 
     SGD, not Adam, so that a wrong loss scale (a rank-local N, or a missing world-size factor) changes the
     update instead of being normalised away. asft exercises the LoRA reference under the DDP wrapper.
@@ -149,9 +150,8 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     )
 
     ddp = tmp_path / "ddp"
-    spec = json.dumps(_spec(config, "asft", gradient_accumulation_steps=1, **common))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    command += ["-m", "asft.cli", "train", "--model", str(small_demo / "model"), "--data", str(data)]
+    spec = json.dumps(_spec(config, "asft", gradient_accumulation_steps=1, num_processes=2, **common))
+    command = [sys.executable, "-m", "asft.cli", "train", "--model", str(small_demo / "model"), "--data", str(data)]
     command += ["--spec", spec, "--out", str(ddp), "--checkpoints", str(tmp_path / "c2")]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")  # gloo ranks on a GPU-less machine
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
@@ -171,3 +171,24 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     for a, b in zip(single_log, ddp_log, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["target_tokens"] == a["target_tokens"]
+
+
+def test_data_parallel_launch_and_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    from asft.config import ConfigError
+    from asft.training import check_devices, data_parallel_command
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert data_parallel_command(["train", "--out", "o"], 1) is None
+    command = data_parallel_command(["train", "--out", "o"], 4)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4", "-m", "asft.cli"]
+    assert command[1:] == [*launcher, "train", "--out", "o"]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # inside a launched rank: never launch again
+    assert data_parallel_command(["train"], 4) is None
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="training.num_processes is 4 but this job sees 1 GPU"):
+        check_devices(4)
+    check_devices(1)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    check_devices(4)

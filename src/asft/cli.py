@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,14 @@ def _cmd_fetch_benchmark(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from asft.training import train
+    from asft.training import check_devices, data_parallel_command, train
 
+    num_processes = args.spec["training"].get("num_processes", 1)
+    command = data_parallel_command(args.argv, num_processes)
+    if command is not None:  # one rank per GPU; each rank runs this same command
+        check_devices(num_processes)
+        logging.info("launching %d data-parallel ranks", num_processes)
+        raise SystemExit(subprocess.run(command).returncode)
     summary = train(args.model, args.data, args.spec, args.out, args.checkpoints)
     print(json.dumps(summary, indent=2))
 
@@ -166,6 +173,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

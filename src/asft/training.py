@@ -270,6 +270,34 @@ def _truncate_log(path: Path, keep_through_step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def data_parallel_command(argv: list[str], num_processes: int) -> list[str] | None:
+    """The torchrun command that runs this same `asft` command once per rank; None when no launch is needed.
+
+    None for one process, and inside a launched rank (LOCAL_RANK set), so a rank never launches again.
+    """
+    if num_processes <= 1 or "LOCAL_RANK" in os.environ:
+        return None
+    import sys
+
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
+    return [*launcher, "-m", "asft.cli", *argv]
+
+
+def check_devices(num_processes: int) -> None:
+    """Fail before loading anything when the job has fewer GPUs than ranks (CPU ranks only when asked for)."""
+    if num_processes <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return
+    from asft.config import ConfigError
+
+    visible = torch.cuda.device_count()
+    if visible < num_processes:
+        raise ConfigError(
+            f"training.num_processes is {num_processes} but this job sees {visible} GPU(s): give the train rule "
+            f"{num_processes} GPUs (profile set-resources: train: gpu: {num_processes}), or set "
+            "ACCELERATE_USE_CPU=true to run CPU ranks"
+        )
+
+
 def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoint_dir: Path) -> dict:
     """Train one run and write the adapter (LoRA) or full weights plus logs to `out_dir`.
 
