@@ -192,3 +192,34 @@ def test_data_parallel_launch_and_device_check(monkeypatch: pytest.MonkeyPatch) 
     check_devices(1)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     check_devices(4)
+
+
+def test_a_zero3_partitioned_head_is_gathered_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under ZeRO-3 a parameter outside its module's forward is a placeholder with `ds_id`; the loss reads the
+    head through DeepSpeed's GatheredParameters (stood in for here: no DeepSpeed without GPUs), never directly."""
+    import contextlib
+    import sys
+    import types
+
+    from asft.training import gathered_head
+
+    calls = []
+
+    @contextlib.contextmanager
+    def fake_gathered(params, modifier_rank=0):
+        calls.append((params, modifier_rank))
+        yield
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=fake_gathered)
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+
+    plain = torch.nn.Parameter(torch.zeros(4, 2))
+    with gathered_head(plain):
+        pass
+    assert calls == []
+    partitioned = torch.nn.Parameter(torch.zeros(0))
+    partitioned.ds_id = 7
+    with gathered_head(partitioned):
+        pass
+    assert calls == [([partitioned], None)]  # modifier_rank=None: read-only, nothing is written back

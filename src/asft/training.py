@@ -70,6 +70,21 @@ def final_hidden_states(
     return captured["hidden"]
 
 
+def gathered_head(weight: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The whole LM head weight for the duration of the loss, also when DeepSpeed ZeRO-3 has partitioned it.
+
+    Outside a module's forward a ZeRO-3 parameter is an empty placeholder (it has `ds_id`); the chunked loss reads
+    the head directly, so it gathers it read-only. This is enough for a frozen head (LoRA): the chunked loss builds
+    every gradient in its forward pass, so the gathered weight is not needed in backward. A trained head under
+    ZeRO-3 is refused by config validation.
+    """
+    if not hasattr(weight, "ds_id"):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+
+
 def _make_trainer_class() -> type:
     from trl import SFTTrainer
 
@@ -148,16 +163,18 @@ def _make_trainer_class() -> type:
             if self.loss_spec.needs_reference or self._logs_drift_now():
                 ref_hidden, ref_head = self._reference_hidden(inputs)
             num_target_tokens = num_items_in_batch if self.loss_scaling == "token" else None
-            loss, stats = loss_from_hidden(
-                hidden,
-                causal_lm.get_output_embeddings().weight,
-                inputs["labels"],
-                self.loss_spec,
-                ref_hidden=ref_hidden,
-                ref_lm_head_weight=ref_head,
-                num_target_tokens=num_target_tokens,
-                chunk_size=self.loss_chunk_size,
-            )
+            head = causal_lm.get_output_embeddings().weight
+            with gathered_head(head), gathered_head(ref_head) if ref_head is not None else contextlib.nullcontext():
+                loss, stats = loss_from_hidden(
+                    hidden,
+                    head,
+                    inputs["labels"],
+                    self.loss_spec,
+                    ref_hidden=ref_hidden,
+                    ref_lm_head_weight=ref_head,
+                    num_target_tokens=num_target_tokens,
+                    chunk_size=self.loss_chunk_size,
+                )
             if (
                 self.loss_scaling == "token"
                 and num_items_in_batch is not None
