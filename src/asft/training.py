@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,7 +71,7 @@ def final_hidden_states(
     return captured["hidden"]
 
 
-def gathered_head(weight: torch.Tensor) -> contextlib.AbstractContextManager:
+def gathered_head(weight: torch.Tensor | None) -> contextlib.AbstractContextManager:
     """The whole LM head weight for the duration of the loss, also when DeepSpeed ZeRO-3 has partitioned it.
 
     Outside a module's forward a ZeRO-3 parameter is an empty placeholder (it has `ds_id`); the chunked loss reads
@@ -78,7 +79,7 @@ def gathered_head(weight: torch.Tensor) -> contextlib.AbstractContextManager:
     every gradient in its forward pass, so the gathered weight is not needed in backward. A trained head under
     ZeRO-3 is refused by config validation.
     """
-    if not hasattr(weight, "ds_id"):
+    if weight is None or not hasattr(weight, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed
 
@@ -164,7 +165,7 @@ def _make_trainer_class() -> type:
                 ref_hidden, ref_head = self._reference_hidden(inputs)
             num_target_tokens = num_items_in_batch if self.loss_scaling == "token" else None
             head = causal_lm.get_output_embeddings().weight
-            with gathered_head(head), gathered_head(ref_head) if ref_head is not None else contextlib.nullcontext():
+            with gathered_head(head), gathered_head(ref_head):
                 loss, stats = loss_from_hidden(
                     hidden,
                     head,
@@ -294,8 +295,6 @@ def data_parallel_command(argv: list[str], num_processes: int) -> list[str] | No
     """
     if num_processes <= 1 or "LOCAL_RANK" in os.environ:
         return None
-    import sys
-
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
     return [*launcher, "-m", "asft.cli", *argv]
 
