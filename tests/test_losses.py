@@ -389,7 +389,13 @@ def test_chunked_path_never_builds_sequence_by_vocab_tensors(spec: LossSpec) -> 
     with _LargestOutput() as chunked:
         loss, _ = loss_from_hidden(h, w, labels, spec, ref_hidden, chunk_size=chunk)
         loss.backward()
-    assert chunked.largest <= chunk * vocab
+    # The reference shares the head (LoRA): both models' logits of a chunk come from one [2·chunk, V] matmul.
+    assert chunked.largest <= 2 * chunk * vocab < n * vocab
+    with _LargestOutput() as separate:  # a separate reference head (full fine-tuning): one chunk's logits at a time
+        separate_loss, _ = loss_from_hidden(h, w, labels, spec, ref_hidden, w.detach().clone(), chunk_size=chunk)
+        separate_loss.backward()
+    assert separate.largest <= chunk * vocab
+    torch.testing.assert_close(separate_loss, loss)  # an equal head, by value: the same loss either way
     with _LargestOutput() as full:  # the detector sees the full-logits path's [n, V] tensors
         loss_from_logits(h @ w.T, labels, spec, ref_hidden @ w.detach().T)[0].backward()
     assert full.largest >= n * vocab

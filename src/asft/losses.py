@@ -348,6 +348,9 @@ def _chunked_loss(
     def target_log_probs(log_probs: torch.Tensor, start: int, end: int) -> torch.Tensor:
         return log_probs.gather(-1, targets[start:end, None]).squeeze(-1)
 
+    # LoRA's reference uses the policy's own (frozen) head: one matmul then gives both models' logits of a chunk,
+    # streaming the [V, d] head from memory once instead of twice (the head is 2 GiB in float32 at 7B shapes).
+    shared_head = with_ref and plan.ref_weight.data_ptr() == weight.data_ptr() and plan.ref_weight.shape == weight.shape
     per_token = spec.weighting in PER_TOKEN_WEIGHTINGS
     if not per_token:  # the batch statistic needs every token's CE (and p_ref, if the weighting reads it)
         weights_read_ref = spec.weighting in REFERENCE_WEIGHTINGS
@@ -361,11 +364,17 @@ def _chunked_loss(
 
     for start, end in chunks:
         h = hidden[start:end].to(weight.dtype)
-        logp = _chunk_log_probs(h, weight, dtype)
+        if shared_head:  # [2c, V]: the policy's rows, then the reference's
+            both = _chunk_log_probs(torch.cat([h, plan.ref_hidden[start:end].to(weight.dtype)]), weight, dtype)
+            logp, ref_logp = both[: end - start], both[end - start :]
+            del both  # the views keep the storage
+        else:
+            logp = _chunk_log_probs(h, weight, dtype)
         ce[start:end] = -target_log_probs(logp, start, end)
         grad_anchor = None
         if with_ref:
-            ref_logp = _chunk_log_probs(plan.ref_hidden[start:end], plan.ref_weight, dtype)
+            if not shared_head:
+                ref_logp = _chunk_log_probs(plan.ref_hidden[start:end], plan.ref_weight, dtype)
             ref_p[start:end] = target_log_probs(ref_logp, start, end).exp()
             kl[start:end], grad_anchor = ANCHORS[spec.kl_direction](logp, ref_logp, need_grad and spec.kl_weight > 0)
             del ref_logp  # consumed by the anchor
