@@ -30,6 +30,25 @@ def config(demo_config: dict) -> dict:
     return copy.deepcopy(demo_config)
 
 
+def make_random_adapter(base_dir: Path, out: Path, rank: int, std: float) -> Path:
+    """A LoRA adapter (all linear layers) with non-zero B, so it really changes the model's outputs; saved with
+    the base tokenizer, as a training run saves it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base_dir),
+        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM"),
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=std)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny demo build: model/, data/train.jsonl, benchmarks/arith.jsonl."""

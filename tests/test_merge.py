@@ -8,24 +8,15 @@ import pytest
 import torch
 
 from asft.merge import merge_lora
+from tests.conftest import make_random_adapter
 
 
 def test_merged_model_matches_adapter_logits(small_demo: Path, tmp_path: Path) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base_dir = small_demo / "model"
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    for name, param in model.named_parameters():  # non-zero B so the adapter changes the output
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    adapter_dir = tmp_path / "adapter"
-    model.save_pretrained(adapter_dir)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(adapter_dir)
+    adapter_dir = make_random_adapter(base_dir, tmp_path / "adapter", rank=4, std=0.05)
 
     merged_dir = merge_lora(base_dir, adapter_dir, tmp_path / "merged")
     tokenizer = AutoTokenizer.from_pretrained(merged_dir)

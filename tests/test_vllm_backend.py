@@ -16,7 +16,7 @@ import pytest
 
 from asft.evaluation import runner
 from asft.fetch import fetch_benchmark
-from tests.conftest import REPO
+from tests.conftest import REPO, make_random_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -79,25 +79,6 @@ def test_greedy_vllm_matches_transformers(small_demo: Path, tmp_path: Path) -> N
     assert sys.executable != str(vllm_python())  # the comparison really crossed two environments
 
 
-def _random_adapter(base_dir: Path, out: Path) -> Path:
-    """A LoRA adapter with non-zero B, so applying it visibly changes generations."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base_dir),
-        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.5)
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
-    return out
-
-
 def test_lora_direct_matches_the_merged_model(small_demo: Path, tmp_path: Path) -> None:
     """evaluation.lora_direct: the adapter applied by vLLM's LoRARequest and by PEFT gives the merged model's
     greedy completions, and differs from the base model's (so the adapter really was applied)."""
@@ -106,7 +87,7 @@ def test_lora_direct_matches_the_merged_model(small_demo: Path, tmp_path: Path) 
     base = small_demo / "model"
     bench = tmp_path / "arith.jsonl"
     fetch_benchmark({"format": "math500", "source": {"demo": "benchmarks/arith.jsonl"}}, bench, demo_dir=small_demo)
-    adapter = _random_adapter(base, tmp_path / "adapter")
+    adapter = make_random_adapter(base, tmp_path / "adapter", rank=8, std=0.5)
     merged = merge_lora(base, adapter, tmp_path / "merged")
     spec = {**_spec("vllm"), "max_problems": 16}
     command = [str(vllm_python()), "-m", "asft.cli", "evaluate", "--model", str(base), "--adapter", str(adapter)]

@@ -187,9 +187,8 @@ def evaluate(
         "dtype": spec["dtype"],
         "trust_remote_code": spec["trust_remote_code"],
         "batch_size": spec["batch_size"],
+        "adapter_dir": adapter_dir,
     }
-    if adapter_dir is not None:
-        options["adapter_dir"] = adapter_dir
     backend = make_backend(spec["backend"], model_dir, **options)
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
 
