@@ -11,6 +11,7 @@ import torch
 
 from asft.config import iter_runs, train_spec, validate_config
 from asft.training import RUN_SPEC, SUMMARY, TRAIN_LOG, final_hidden_states, train
+from tests.conftest import REPO
 
 
 def _spec(config: dict, mode: str, **training: object) -> dict:
@@ -120,15 +121,29 @@ def test_bad_training_data_fails_before_loading_the_model(tmp_path: Path, config
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_two_ranks_give_the_same_update_as_gradient_accumulation(
-    small_demo: Path, tmp_path: Path, config: dict
-) -> None:
-    """Data parallel (num_processes: 2 -> torchrun, 2 CPU ranks, gloo) vs one process accumulating the same 2
-    micro-batches.
+DATA_PARALLEL_CASES = {
+    # name: (finetune, DeepSpeed config or None for plain DDP, gradient checkpointing)
+    "ddp-lora": ("lora", None, False),
+    "zero2-lora": ("lora", "zero2.json", False),
+    "zero3-lora": ("lora", "zero3.json", True),
+    "zero2-full": ("full", "zero2.json", False),
+    "zero3-full": ("full", "zero3.json", True),  # the paper's setting
+}
 
-    SGD, not Adam, so that a wrong loss scale (a rank-local N, or a missing world-size factor) changes the
-    update instead of being normalised away. asft exercises the LoRA reference under the DDP wrapper.
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DATA_PARALLEL_CASES)
+def test_two_ranks_give_the_same_update_as_gradient_accumulation(
+    small_demo: Path, tmp_path: Path, config: dict, case: str
+) -> None:
+    """Data parallel (num_processes: 2 -> torchrun, 2 CPU ranks over gloo; plain DDP or the real DeepSpeed
+    engine, ZeRO-2 and ZeRO-3), each accumulating 2 micro-batches, vs one process accumulating the same 4.
+
+    SGD, not Adam, so that a wrong loss scale (a rank-local N, a missing world-size factor, DeepSpeed dividing by
+    the accumulation steps again) changes the update instead of being normalised away. asft exercises both
+    references: LoRA's disabled adapter under the DDP/DeepSpeed wrapper, and full fine-tuning's frozen copy (a
+    ZeRO-3 inference engine, its head gathered read-only). ZeRO-3 partitions the trained head, whose gradient
+    the chunked loss must hand back to DeepSpeed.
     """
     import os
     import subprocess
@@ -136,40 +151,60 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
 
     from safetensors.torch import load_file
 
+    finetune, deepspeed, checkpointing = DATA_PARALLEL_CASES[case]
     common = dict(
-        max_steps=2, per_device_train_batch_size=2, optim="sgd", learning_rate=0.5, lr_scheduler_type="constant"
+        gradient_checkpointing=checkpointing,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        optim="sgd",
+        learning_rate=0.5 if finetune == "lora" else 0.05,
+        lr_scheduler_type="constant",
+        finetune=finetune,
     )
     data = small_demo / "data/train.jsonl"
     single = tmp_path / "single"
     train(
         small_demo / "model",
         data,
-        _spec(config, "asft", gradient_accumulation_steps=2, **common),
+        _spec(config, "asft", gradient_accumulation_steps=4, **common),
         single,
         tmp_path / "c1",
     )
 
-    ddp = tmp_path / "ddp"
-    spec = json.dumps(_spec(config, "asft", gradient_accumulation_steps=1, num_processes=2, **common))
+    ranks = tmp_path / "ranks"
+    ds_config = str(REPO / "config" / "deepspeed" / deepspeed) if deepspeed else None
+    spec = _spec(config, "asft", gradient_accumulation_steps=2, num_processes=2, deepspeed=ds_config, **common)
     command = [sys.executable, "-m", "asft.cli", "train", "--model", str(small_demo / "model"), "--data", str(data)]
-    command += ["--spec", spec, "--out", str(ddp), "--checkpoints", str(tmp_path / "c2")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")  # gloo ranks on a GPU-less machine
+    command += ["--spec", json.dumps(spec), "--out", str(ranks), "--checkpoints", str(tmp_path / "c2")]
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "DS_ACCELERATOR")}
+    env["OMP_NUM_THREADS"] = "1"
+    # CPU ranks on a GPU-less machine: accelerate's own CPU mode for DDP, DeepSpeed's CPU accelerator for ZeRO.
+    env.update({"DS_ACCELERATOR": "cpu"} if deepspeed else {"ACCELERATE_USE_CPU": "true"})
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-
-    assert json.loads((ddp / SUMMARY).read_text())["world_size"] == 2
-    assert not ddp.with_name("ddp.tmp").exists()
-    expected = load_file(single / "adapter_model.safetensors")
-    actual = load_file(ddp / "adapter_model.safetensors")
+    summary = json.loads((ranks / SUMMARY).read_text())
+    assert summary["world_size"] == 2
+    if deepspeed:  # the real engine ran, not a silent fallback to DDP
+        assert summary["distributed_type"] == "DEEPSPEED" and summary["zero_stage"] == int(deepspeed[4])
+    else:
+        assert summary["distributed_type"] == "MULTI_CPU" and summary["zero_stage"] is None
+    assert not ranks.with_name("ranks.tmp").exists()
+    weights = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"
+    expected, actual = load_file(single / weights), load_file(ranks / weights)
     assert expected.keys() == actual.keys()
-    moved = max(float(t.abs().max()) for name, t in expected.items() if "lora_B" in name)
-    assert moved > 1e-3  # B starts at zero: the two steps really updated the adapter
+    start = load_file(small_demo / "model" / "model.safetensors")
+    changed = [name for name in expected if name not in start or not torch.equal(expected[name], start[name])]
+    assert changed  # the two steps really updated the weights (LoRA's B starts at zero)
+    if finetune == "full":
+        assert "lm_head.weight" in changed  # the head is trained, under ZeRO-3 too
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
-    single_log, ddp_log = _log(single), _log(ddp)
-    assert [r["step"] for r in ddp_log] == [1, 2]
-    for a, b in zip(single_log, ddp_log, strict=True):
+    single_log, ranks_log = _log(single), _log(ranks)
+    assert [r["step"] for r in ranks_log] == [1, 2]
+    assert ranks_log[1]["kl"] > 0  # the reference is the starting model, not the moving policy
+    for a, b in zip(single_log, ranks_log, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-9)
         assert b["target_tokens"] == a["target_tokens"]
 
 
@@ -190,36 +225,32 @@ def test_data_parallel_launch_and_device_check(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(ConfigError, match="training.num_processes is 4 but this job sees 1 GPU"):
         check_devices(4)
     check_devices(1)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    with pytest.raises(ConfigError, match="sees 1 GPU"):
+        check_devices(4, deepspeed="zero2.json")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed's CPU accelerator: CPU ranks over gloo
+    check_devices(4, deepspeed="zero2.json")
+    with pytest.raises(ConfigError, match="sees 1 GPU"):  # DS_ACCELERATOR does not make plain DDP use CPUs
+        check_devices(4)
     monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
     check_devices(4)
+    # accelerate would silently drop DeepSpeed and run DDP: refused, also for a single process
+    for processes in (1, 4):
+        with pytest.raises(ConfigError, match="ACCELERATE_USE_CPU=true makes accelerate ignore it"):
+            check_devices(processes, deepspeed="zero2.json")
 
 
-def test_a_zero3_partitioned_head_is_gathered_read_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under ZeRO-3 a parameter outside its module's forward is a placeholder with `ds_id`; the loss reads the
-    head through DeepSpeed's GatheredParameters (stood in for here: no DeepSpeed without GPUs), never directly."""
-    import contextlib
-    import sys
-    import types
+def test_the_loss_runs_inside_a_partitioned_heads_module_call() -> None:
+    """Without ZeRO-3 the loss is computed directly; with it (a head parameter carrying `ds_id`), as the head
+    module's forward, so DeepSpeed's module hooks gather the head around it (the real engine: the ZeRO-3 cases
+    of the two-rank test above). The module's own forward is restored afterwards."""
+    from asft.training import loss_in_head_module
 
-    from asft.training import gathered_head
-
-    calls = []
-
-    @contextlib.contextmanager
-    def fake_gathered(params, modifier_rank=0):
-        calls.append((params, modifier_rank))
-        yield
-
-    fake = types.ModuleType("deepspeed")
-    fake.zero = types.SimpleNamespace(GatheredParameters=fake_gathered)
-    monkeypatch.setitem(sys.modules, "deepspeed", fake)
-
-    plain = torch.nn.Parameter(torch.zeros(4, 2))
-    with gathered_head(plain):
-        pass
-    assert calls == []
-    partitioned = torch.nn.Parameter(torch.zeros(0))
-    partitioned.ds_id = 7
-    with gathered_head(partitioned):
-        pass
-    assert calls == [([partitioned], None)]  # modifier_rank=None: read-only, nothing is written back
+    head = torch.nn.Linear(2, 4, bias=False)
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append("hook"))
+    assert loss_in_head_module(head, lambda: "loss") == "loss" and seen == []
+    head.weight.ds_id = 7
+    assert loss_in_head_module(head, lambda: "loss") == "loss" and seen == ["hook"]
+    assert "forward" not in vars(head)
+    assert head(torch.ones(1, 2)).shape == (1, 4)

@@ -68,9 +68,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from asft.training import check_devices, data_parallel_command, train
 
     num_processes = args.spec["training"].get("num_processes", 1)
+    check_devices(num_processes, args.spec["training"].get("deepspeed"))
     command = data_parallel_command(args.argv, num_processes)
     if command is not None:  # one rank per GPU; each rank runs this same command
-        check_devices(num_processes)
         logging.info("launching %d data-parallel ranks", num_processes)
         raise SystemExit(subprocess.run(command).returncode)
     summary = train(args.model, args.data, args.spec, args.out, args.checkpoints)

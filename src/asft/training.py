@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,18 +72,33 @@ def final_hidden_states(
 
 
 def gathered_head(weight: torch.Tensor | None) -> contextlib.AbstractContextManager:
-    """The whole LM head weight for the duration of the loss, also when DeepSpeed ZeRO-3 has partitioned it.
+    """The whole weight of a frozen LM head (the full fine-tune's reference) also when ZeRO-3 has partitioned it.
 
-    Outside a module's forward a ZeRO-3 parameter is an empty placeholder (it has `ds_id`); the chunked loss reads
-    the head directly, so it gathers it read-only. This is enough for a frozen head (LoRA): the chunked loss builds
-    every gradient in its forward pass, so the gathered weight is not needed in backward. A trained head under
-    ZeRO-3 is refused by config validation.
+    Outside its module's forward a ZeRO-3 parameter is an empty placeholder (it has `ds_id`); the loss needs no
+    gradient of the reference, so a read-only gather for the duration of the loss is enough.
     """
     if weight is None or not hasattr(weight, "ds_id"):
         return contextlib.nullcontext()
     import deepspeed
 
     return deepspeed.zero.GatheredParameters([weight], modifier_rank=None)
+
+
+def loss_in_head_module(head: torch.nn.Module, compute: Callable[[], Any]) -> Any:
+    """Run `compute` (the loss, which reads `head.weight`) as the LM-head module's forward.
+
+    Under DeepSpeed ZeRO-3 the head is partitioned and only a module's own forward and backward see it whole:
+    DeepSpeed's hooks gather it for the forward, gather it again when the backward reaches the module's output,
+    and reduce-scatter the gradient that the chunked loss returns for it. A read-only gather would work for the
+    forward but leave the trained head's gradient nowhere to go. Without ZeRO-3 the loss is simply computed.
+    """
+    if not hasattr(head.weight, "ds_id"):
+        return compute()
+    head.forward = lambda: compute()  # instance attribute: Module.__call__ runs the hooks around it
+    try:
+        return head()
+    finally:
+        del head.forward
 
 
 def _make_trainer_class() -> type:
@@ -164,18 +179,22 @@ def _make_trainer_class() -> type:
             if self.loss_spec.needs_reference or self._logs_drift_now():
                 ref_hidden, ref_head = self._reference_hidden(inputs)
             num_target_tokens = num_items_in_batch if self.loss_scaling == "token" else None
-            head = causal_lm.get_output_embeddings().weight
-            with gathered_head(head), gathered_head(ref_head):
-                loss, stats = loss_from_hidden(
-                    hidden,
-                    head,
-                    inputs["labels"],
-                    self.loss_spec,
-                    ref_hidden=ref_hidden,
-                    ref_lm_head_weight=ref_head,
-                    num_target_tokens=num_target_tokens,
-                    chunk_size=self.loss_chunk_size,
-                )
+            head = causal_lm.get_output_embeddings()
+
+            def compute() -> tuple[torch.Tensor, dict]:
+                with gathered_head(ref_head):
+                    return loss_from_hidden(
+                        hidden,
+                        head.weight,
+                        inputs["labels"],
+                        self.loss_spec,
+                        ref_hidden=ref_hidden,
+                        ref_lm_head_weight=ref_head,
+                        num_target_tokens=num_target_tokens,
+                        chunk_size=self.loss_chunk_size,
+                    )
+
+            loss, stats = loss_in_head_module(head, compute)
             if (
                 self.loss_scaling == "token"
                 and num_items_in_batch is not None
@@ -247,6 +266,26 @@ def _lora_config(settings: dict) -> Any:
     )
 
 
+def _configure_cpu_deepspeed(settings: dict) -> bool:
+    """Set up DeepSpeed over gloo on CPU ranks (DS_ACCELERATOR=cpu, under torchrun); False when not asked for.
+
+    accelerate starts DeepSpeed only on devices with their own collective backend: on CPU it would initialise the
+    process group but count one process (wrong batch size, no gradient reduction). Configuring its state with
+    the gloo backend first, for the Trainer to reuse, gives the real DeepSpeed engine on CPU ranks: what tests
+    and GPU-less debugging of the ZeRO paths use.
+    """
+    if not settings["deepspeed"] or os.environ.get("DS_ACCELERATOR") != "cpu" or "LOCAL_RANK" not in os.environ:
+        return False
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    try:
+        PartialState(backend="gloo")
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    return True
+
+
 def _sft_config(settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dtype) -> Any:
     from trl import SFTConfig
 
@@ -273,6 +312,7 @@ def _sft_config(settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dt
         save_total_limit=2,
         report_to=report_to,
         deepspeed=settings["deepspeed"],
+        **({"accelerator_config": {"use_configured_state": True}} if _configure_cpu_deepspeed(settings) else {}),
         completion_only_loss=True,
         packing=False,
         dataset_num_proc=None,
@@ -299,18 +339,34 @@ def data_parallel_command(argv: list[str], num_processes: int) -> list[str] | No
     return [*launcher, "-m", "asft.cli", *argv]
 
 
-def check_devices(num_processes: int) -> None:
-    """Fail before loading anything when the job has fewer GPUs than ranks (CPU ranks only when asked for)."""
-    if num_processes <= 1 or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
-        return
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
+def check_devices(num_processes: int, deepspeed: str | None = None) -> None:
+    """Fail before loading anything when the ranks cannot run as configured.
+
+    A GPU job needs a GPU per rank. CPU ranks are for tests and debugging: plain DDP with ACCELERATE_USE_CPU=true,
+    DeepSpeed with DS_ACCELERATOR=cpu. accelerate ignores a DeepSpeed config when ACCELERATE_USE_CPU is set and
+    would silently train plain DDP instead, so that combination is refused.
+    """
     from asft.config import ConfigError
 
+    if deepspeed and _env_flag("ACCELERATE_USE_CPU"):
+        raise ConfigError(
+            "training.deepspeed is set but ACCELERATE_USE_CPU=true makes accelerate ignore it (the ranks would run "
+            "plain DDP); for DeepSpeed on CPU ranks set DS_ACCELERATOR=cpu instead"
+        )
+    if num_processes <= 1 or _env_flag("ACCELERATE_USE_CPU"):
+        return
+    if deepspeed and os.environ.get("DS_ACCELERATOR") == "cpu":
+        return
     visible = torch.cuda.device_count()
     if visible < num_processes:
         raise ConfigError(
             f"training.num_processes is {num_processes} but this job sees {visible} GPU(s): give the train rule "
-            f"{num_processes} GPUs (profile set-resources: train: gpu: {num_processes}), or set "
-            "ACCELERATE_USE_CPU=true to run CPU ranks"
+            f"{num_processes} GPUs (profile set-resources: train: gpu: {num_processes}), or, for CPU ranks, set "
+            "ACCELERATE_USE_CPU=true (DDP) or DS_ACCELERATOR=cpu (DeepSpeed)"
         )
 
 
@@ -382,6 +438,8 @@ def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoin
         "train_seconds": time.perf_counter() - started,
         "resumed_from": resume,
         "world_size": trainer.accelerator.num_processes,
+        "distributed_type": str(trainer.accelerator.distributed_type.value),  # NO, MULTI_GPU, DEEPSPEED, ...
+        "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
     }
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(tmp_dir))
