@@ -122,13 +122,30 @@ def test_bad_training_data_fails_before_loading_the_model(tmp_path: Path, config
 
 
 DATA_PARALLEL_CASES = {
-    # name: (finetune, DeepSpeed config or None for plain DDP, gradient checkpointing)
-    "ddp-lora": ("lora", None, False),
-    "zero2-lora": ("lora", "zero2.json", False),
-    "zero3-lora": ("lora", "zero3.json", True),
-    "zero2-full": ("full", "zero2.json", False),
-    "zero3-full": ("full", "zero3.json", True),  # the paper's setting
+    # name: (finetune, DeepSpeed config or None for plain DDP, gradient checkpointing, tied embeddings)
+    "ddp-lora": ("lora", None, False, False),
+    "zero2-lora": ("lora", "zero2.json", False, False),
+    "zero3-lora": ("lora", "zero3.json", True, False),
+    "zero2-full": ("full", "zero2.json", False, False),
+    "zero3-full": ("full", "zero3.json", True, False),  # the paper's setting (Qwen2.5-7B: untied head)
+    # Qwen2.5 up to 3B (and Qwen2.5-Math-1.5B) tie the head to the input embedding: one partitioned parameter
+    # used by two modules, whose gradient has two sources.
+    "zero3-full-tied": ("full", "zero3.json", True, True),
 }
+
+
+def _tied_copy(model_dir: Path, out: Path) -> Path:
+    """The model with its LM head tied to the input embedding (the embedding's weights kept)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model.config.tie_word_embeddings = True
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    return out
 
 
 @pytest.mark.slow
@@ -151,7 +168,8 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
 
     from safetensors.torch import load_file
 
-    finetune, deepspeed, checkpointing = DATA_PARALLEL_CASES[case]
+    finetune, deepspeed, checkpointing, tied = DATA_PARALLEL_CASES[case]
+    model_dir = _tied_copy(small_demo / "model", tmp_path / "tied") if tied else small_demo / "model"
     common = dict(
         gradient_checkpointing=checkpointing,
         max_steps=2,
@@ -164,7 +182,7 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     data = small_demo / "data/train.jsonl"
     single = tmp_path / "single"
     train(
-        small_demo / "model",
+        model_dir,
         data,
         _spec(config, "asft", gradient_accumulation_steps=4, **common),
         single,
@@ -174,7 +192,7 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     ranks = tmp_path / "ranks"
     ds_config = str(REPO / "config" / "deepspeed" / deepspeed) if deepspeed else None
     spec = _spec(config, "asft", gradient_accumulation_steps=2, num_processes=2, deepspeed=ds_config, **common)
-    command = [sys.executable, "-m", "asft.cli", "train", "--model", str(small_demo / "model"), "--data", str(data)]
+    command = [sys.executable, "-m", "asft.cli", "train", "--model", str(model_dir), "--data", str(data)]
     command += ["--spec", json.dumps(spec), "--out", str(ranks), "--checkpoints", str(tmp_path / "c2")]
     env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "DS_ACCELERATOR")}
     env["OMP_NUM_THREADS"] = "1"
@@ -192,11 +210,11 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     weights = "adapter_model.safetensors" if finetune == "lora" else "model.safetensors"
     expected, actual = load_file(single / weights), load_file(ranks / weights)
     assert expected.keys() == actual.keys()
-    start = load_file(small_demo / "model" / "model.safetensors")
+    start = load_file(model_dir / "model.safetensors")
     changed = [name for name in expected if name not in start or not torch.equal(expected[name], start[name])]
     assert changed  # the two steps really updated the weights (LoRA's B starts at zero)
-    if finetune == "full":
-        assert "lm_head.weight" in changed  # the head is trained, under ZeRO-3 too
+    if finetune == "full":  # the head is trained, under ZeRO-3 too
+        assert ("model.embed_tokens.weight" if tied else "lm_head.weight") in changed
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
     single_log, ranks_log = _log(single), _log(ranks)
