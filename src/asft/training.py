@@ -286,7 +286,9 @@ def _configure_cpu_deepspeed(settings: dict) -> bool:
     return True
 
 
-def _sft_config(settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dtype) -> Any:
+def _sft_config(
+    settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dtype, use_configured_state: bool = False
+) -> Any:
     from trl import SFTConfig
 
     report_to = [r for r in settings["report_to"] if r != "none"] or "none"
@@ -312,7 +314,7 @@ def _sft_config(settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dt
         save_total_limit=2,
         report_to=report_to,
         deepspeed=settings["deepspeed"],
-        **({"accelerator_config": {"use_configured_state": True}} if _configure_cpu_deepspeed(settings) else {}),
+        **({"accelerator_config": {"use_configured_state": True}} if use_configured_state else {}),
         completion_only_loss=True,
         packing=False,
         dataset_num_proc=None,
@@ -415,7 +417,7 @@ def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoin
     trainer_class = _make_trainer_class()
     trainer = trainer_class(
         model=model,
-        args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype),
+        args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype, _configure_cpu_deepspeed(settings)),
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=_lora_config(settings) if lora else None,
