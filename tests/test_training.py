@@ -148,6 +148,23 @@ def _tied_copy(model_dir: Path, out: Path) -> Path:
     return out
 
 
+def _train_ranks(model_dir: Path, data: Path, spec: dict, out: Path, checkpoints: Path) -> dict:
+    """`asft train` as the workflow runs it, on 2 CPU ranks: accelerate's CPU mode for plain DDP, DeepSpeed's
+    CPU accelerator (gloo) for a DeepSpeed config. Returns the run's summary."""
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "asft.cli", "train", "--model", str(model_dir), "--data", str(data)]
+    command += ["--spec", json.dumps(spec), "--out", str(out), "--checkpoints", str(checkpoints)]
+    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "DS_ACCELERATOR")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update({"DS_ACCELERATOR": "cpu"} if spec["training"]["deepspeed"] else {"ACCELERATE_USE_CPU": "true"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((out / SUMMARY).read_text())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", DATA_PARALLEL_CASES)
 def test_two_ranks_give_the_same_update_as_gradient_accumulation(
@@ -162,10 +179,6 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     ZeRO-3 inference engine, its head gathered read-only). ZeRO-3 partitions the trained head, whose gradient
     the chunked loss must hand back to DeepSpeed.
     """
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
     finetune, deepspeed, checkpointing, tied = DATA_PARALLEL_CASES[case]
@@ -192,15 +205,7 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     ranks = tmp_path / "ranks"
     ds_config = str(REPO / "config" / "deepspeed" / deepspeed) if deepspeed else None
     spec = _spec(config, "asft", gradient_accumulation_steps=2, num_processes=2, deepspeed=ds_config, **common)
-    command = [sys.executable, "-m", "asft.cli", "train", "--model", str(model_dir), "--data", str(data)]
-    command += ["--spec", json.dumps(spec), "--out", str(ranks), "--checkpoints", str(tmp_path / "c2")]
-    env = {k: v for k, v in os.environ.items() if k not in ("ACCELERATE_USE_CPU", "DS_ACCELERATOR")}
-    env["OMP_NUM_THREADS"] = "1"
-    # CPU ranks on a GPU-less machine: accelerate's own CPU mode for DDP, DeepSpeed's CPU accelerator for ZeRO.
-    env.update({"DS_ACCELERATOR": "cpu"} if deepspeed else {"ACCELERATE_USE_CPU": "true"})
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-4000:]
-    summary = json.loads((ranks / SUMMARY).read_text())
+    summary = _train_ranks(model_dir, data, spec, ranks, tmp_path / "c2")
     assert summary["world_size"] == 2
     if deepspeed:  # the real engine ran, not a silent fallback to DDP
         assert summary["distributed_type"] == "DEEPSPEED" and summary["zero_stage"] == int(deepspeed[4])
@@ -224,6 +229,21 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-9)
         assert b["target_tokens"] == a["target_tokens"]
+
+
+@pytest.mark.slow
+def test_a_zero3_run_resumes_from_its_deepspeed_checkpoint(small_demo: Path, tmp_path: Path, config: dict) -> None:
+    """A preempted ZeRO-3 job restarts from the newest (sharded) checkpoint, and its log continues."""
+    deepspeed = str(REPO / "config" / "deepspeed" / "zero3.json")
+    data, checkpoints = small_demo / "data/train.jsonl", tmp_path / "ckpt"
+    common = dict(num_processes=2, deepspeed=deepspeed, per_device_train_batch_size=2, finetune="full")
+    _train_ranks(small_demo / "model", data, _spec(config, "asft", **common), tmp_path / "first", checkpoints)
+    assert (checkpoints / "checkpoint-2" / "global_step2").is_dir()  # DeepSpeed's own sharded state
+    summary = _train_ranks(
+        small_demo / "model", data, _spec(config, "asft", max_steps=3, **common), tmp_path / "second", checkpoints
+    )
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 3
+    assert [r["step"] for r in _log(tmp_path / "second")] == [1, 2, 3]
 
 
 def test_data_parallel_launch_and_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
