@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from asft.config import (
     ConfigError,
     eval_spec,
     iter_runs,
+    load_config,
     mode_label,
     resolve_sampling,
     train_spec,
     validate_config,
 )
+from tests.conftest import REPO
 
 
 def test_demo_config_is_valid_and_filled(config: dict) -> None:
@@ -65,6 +74,37 @@ def test_demo_config_is_valid_and_filled(config: dict) -> None:
         (
             lambda c: c["experiments"]["demo"].update(modes=["sft"], kl_weights=[0.1]),
             "none of the experiment's",
+        ),
+        # numpy (transformers' set_seed) refuses seeds >= 2**32, once the train or evaluation job has started
+        (
+            lambda c: c["experiments"]["demo"].update(seeds=[0, 2**32]),
+            "experiments.demo.seeds[1]: 4294967296 is greater than the maximum of 4294967295",
+        ),
+        (lambda c: c["demo"].update(seed=2**32), "demo.seed: 4294967296 is greater than the maximum"),
+        (
+            lambda c: c["experiments"]["demo"]["evaluation"]["sampling"].update(seed=2**32),
+            "experiments.demo.evaluation.sampling.seed: 4294967296 is greater than the maximum",
+        ),
+        (
+            lambda c: c["benchmarks"]["arith"].update(sampling={"seed": 2**32}),
+            "benchmarks.arith.sampling.seed: 4294967296 is greater than the maximum",
+        ),
+        # each entry type has exactly one demo artefact
+        (
+            lambda c: c["models"]["tiny"].update(source={"demo": "data/train.jsonl"}),
+            "models.tiny.source.demo: 'data/train.jsonl' is not one of ['model']",
+        ),
+        (
+            lambda c: c["datasets"]["arith"].update(source={"demo": "benchmarks/arith.jsonl"}),
+            "datasets.arith.source.demo: 'benchmarks/arith.jsonl' is not one of ['data/train.jsonl']",
+        ),
+        (
+            lambda c: c["benchmarks"]["arith"].update(source={"demo": "model"}),
+            "benchmarks.arith.source.demo: 'model' is not one of ['benchmarks/arith.jsonl']",
+        ),
+        (
+            lambda c: c["benchmarks"]["arith"].update(source=[{"demo": "benchmarks/arith.jsonl"}, {"demo": "model"}]),
+            "benchmarks.arith.source[1].demo: 'model' is not one of ['benchmarks/arith.jsonl']",
         ),
     ],
 )
@@ -170,3 +210,217 @@ def test_shipped_configs_are_valid() -> None:
 
     for path in sorted((REPO / "config").glob("*.yaml")):
         assert list(iter_runs(load_config(path))), path
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (  # a mode whose name is another mode's label
+            lambda c: (
+                c["modes"].update({"asft-kl0.05": {"weighting": "dft"}}),
+                c["experiments"]["demo"]["modes"].append("asft-kl0.05"),
+            ),
+            "experiments.demo.modes: modes[3] 'asft' (kl_weight 0.05) and modes[7] 'asft-kl0.05' give the same run id "
+            "'tiny/arith/asft-kl0.05/seed0'",
+        ),
+        (  # two KL weights that print alike with {:g}
+            lambda c: c["experiments"]["demo"].update(kl_weights=[0.1234561, 0.1234564]),
+            "experiments.demo.kl_weights: modes[3] 'asft' with kl_weights[0] = 0.1234561 and modes[3] 'asft' with "
+            "kl_weights[1] = 0.1234564 give the same run id 'tiny/arith/asft-kl0.123456/seed0'",
+        ),
+        (  # the id is a folder name, and some file systems ignore case
+            lambda c: (
+                c["modes"].update({"SFT": {"weighting": "dft"}}),
+                c["experiments"]["demo"]["modes"].append("SFT"),
+            ),
+            "experiments.demo.modes: modes[0] 'sft' and modes[7] 'SFT' give run ids 'tiny/arith/SFT/seed0' and "
+            "'tiny/arith/sft/seed0', which differ only in case",
+        ),
+    ],
+)
+def test_run_ids_are_unique_within_an_experiment(config: dict, mutate, expected: str) -> None:
+    mutate(config)
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, source="config/config.yaml")
+    assert "config/config.yaml: invalid configuration" in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_equal_run_ids_in_different_experiments_are_fine(config: dict) -> None:
+    """Each experiment has its own results/<experiment>/ folder."""
+    config["experiments"]["other"] = config["experiments"]["demo"]
+    runs = list(iter_runs(validate_config(config)))
+    assert len({(r.experiment, r.run_id) for r in runs}) == len(runs) == 14
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda c: c["modes"]["asft"].update(kl_weight=math.nan), "modes.asft.kl_weight: nan is not a finite number"),
+        (
+            lambda c: c["modes"]["sft-topk"].update(keep_ratio=math.nan),
+            "modes.sft-topk.keep_ratio: nan is not a finite number",
+        ),
+        (
+            lambda c: c["experiments"]["demo"]["training"].update(learning_rate=math.inf),
+            "experiments.demo.training.learning_rate: inf is not a finite number",
+        ),
+        (
+            lambda c: c["experiments"]["demo"].update(kl_weights=[0.1, math.inf]),
+            "experiments.demo.kl_weights[1]: inf is not a finite number",
+        ),
+    ],
+)
+def test_nan_and_inf_are_refused(config: dict, mutate, expected: str) -> None:
+    mutate(config)
+    with pytest.raises(ConfigError, match="config/config.yaml: invalid configuration") as info:
+        validate_config(config, source="config/config.yaml")
+    assert expected in str(info.value)
+
+
+def write_demo_config(path: Path, edit) -> Path:  # noqa: ANN001
+    """The shipped demo config as text, edited line-wise: YAML-level problems cannot be written from a dict."""
+    text = (REPO / "config" / "config.yaml").read_text()
+    path.write_text(edit(text))
+    return path
+
+
+def test_duplicate_yaml_keys_are_refused(tmp_path: Path) -> None:
+    path = write_demo_config(
+        tmp_path / "dup.yaml",
+        lambda text: text.replace("  sft: {weighting: none}\n", "  sft: {weighting: none}\n  sft: {weighting: dft}\n"),
+    )
+    line = path.read_text().splitlines().index("  sft: {weighting: dft}") + 1
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: invalid configuration:")
+    assert f"modes.sft: duplicate key on line {line} (first on line {line - 1}" in str(info.value)
+
+
+def test_duplicate_keys_are_reported_together_and_merge_keys_still_work(tmp_path: Path) -> None:
+    path = write_demo_config(
+        tmp_path / "dup.yaml",
+        lambda text: text.replace("      max_steps: 40\n", "      max_steps: 40\n      max_steps: 4\n").replace(
+            "    seeds: [0]\n", "    seeds: [0]\n    seeds: [1]\n"
+        ),
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "experiments.demo.seeds: duplicate key" in str(info.value)
+    assert "experiments.demo.training.max_steps: duplicate key" in str(info.value)
+    # A merge key's values may be overridden: that is what it is for, not a repeated key.
+    merged = write_demo_config(
+        tmp_path / "merged.yaml",
+        lambda text: text.replace(
+            "  asft: {weighting: dft, kl_weight: 0.05}", "  asft: {<<: *dft, kl_weight: 0.05}"
+        ).replace("  dft: {weighting: dft}", "  dft: &dft {weighting: dft, kl_weight: 0.0}"),
+    )
+    assert load_config(merged)["modes"]["asft"] == load_config(REPO / "config" / "config.yaml")["modes"]["asft"]
+
+
+def test_duplicate_json_keys_are_refused(tmp_path: Path, demo_config: dict) -> None:
+    body = json.dumps(demo_config, indent="\t")  # tab-indented JSON is not YAML: it is read as JSON first
+    path = tmp_path / "config.json"
+    path.write_text(body.replace('"weighting": "none"', '"weighting": "none",\n"weighting": "dft"', 1))
+    with pytest.raises(ConfigError, match=r"modes\.sft\.weighting: duplicate key"):
+        load_config(path)
+    path.write_text(body)
+    assert list(iter_runs(load_config(path)))
+
+
+def test_snakemake_dry_run_refuses_duplicate_keys_and_nan(tmp_path: Path) -> None:
+    """Snakemake reads --configfile with its own loader; the workflow must refuse what `asft validate-config` does."""
+    duplicate = write_demo_config(
+        tmp_path / "dup.yaml",
+        lambda text: text.replace("  sft: {weighting: none}\n", "  sft: {weighting: none}\n  sft: {weighting: dft}\n"),
+    )
+    nan = write_demo_config(
+        tmp_path / "nan.yaml",
+        lambda text: text.replace("asft: {weighting: dft, kl_weight: 0.05}", "asft: {weighting: dft, kl_weight: .nan}"),
+    )
+    for path, key in ((duplicate, "modes.sft: duplicate key"), (nan, "modes.asft.kl_weight: nan is not a finite")):
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--cores", "1", "-n", "--configfile", str(path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode != 0, output
+        assert f"{path}: invalid configuration" in output and key in output, output
+
+
+def test_lr_scheduler_names_are_checked_before_any_job(config: dict) -> None:
+    training = config["experiments"]["demo"]["training"]
+    for name in ("linear", "cosine", "constant_with_warmup"):
+        training["lr_scheduler_type"] = name
+        validate_config(config)
+    training["lr_scheduler_type"] = "cosin"
+    with pytest.raises(ConfigError, match="experiments.demo.training.lr_scheduler_type: 'cosin' is not a transformers"):
+        validate_config(config)
+    # Real SchedulerType values that need settings (min_lr, evaluation during training) the schema cannot give
+    for name in ("cosine_with_min_lr", "reduce_lr_on_plateau", "warmup_stable_decay"):
+        training["lr_scheduler_type"] = name
+        with pytest.raises(ConfigError, match=f"experiments.demo.training.lr_scheduler_type: '{name}' needs"):
+            validate_config(config)
+
+
+def test_greedy_decoding_with_several_samples_is_refused(config: dict) -> None:
+    sampling = config["experiments"]["demo"]["evaluation"]["sampling"]
+    sampling["n"] = 4  # with the greedy preset: 4 identical generations
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    assert (
+        "experiments.demo.evaluation.sampling.n: n = 4 with temperature 0 (from "
+        "experiments.demo.evaluation.sampling.preset) on benchmark 'arith'"
+    ) in str(info.value)
+    sampling["temperature"] = 0.7
+    validate_config(config)
+    # resolved per benchmark: the benchmark's own temperature 0 turns the paper preset's 16 samples into copies
+    sampling.clear()
+    config["benchmarks"]["arith"]["sampling"] = {"preset": "paper", "temperature": 0}
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    assert (
+        "benchmarks.arith.sampling.preset: n = 16 with temperature 0 (from benchmarks.arith.sampling.temperature)"
+    ) in str(info.value)
+    config["benchmarks"]["arith"]["sampling"] = {"preset": "paper"}
+    validate_config(config)
+    # multiple-choice benchmarks are scored from letter log-probabilities: sampling settings do not apply
+    config["benchmarks"]["arith"].update(format="medqa", sampling={"preset": "greedy", "n": 4})
+    validate_config(config)
+
+
+def test_local_path_sources_must_exist(config: dict, tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    data = tmp_path / "train.jsonl"
+    data.write_text("")
+    config["models"]["tiny"]["source"] = {"path": str(model)}
+    config["datasets"]["arith"]["source"] = {"path": str(tmp_path / "trian.jsonl")}
+    config["benchmarks"]["arith"]["source"] = [{"path": str(data)}, {"path": str(tmp_path)}]
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, source="config/config.yaml")
+    message = str(info.value)
+    assert f"models.tiny.source.path: {model} is not a model directory (no config.json)" in message
+    assert f"datasets.arith.source.path: {tmp_path / 'trian.jsonl'} does not exist" in message
+    assert f"benchmarks.arith.source[1].path: {tmp_path} is not a file" in message
+    (model / "config.json").write_text("{}")
+    config["datasets"]["arith"]["source"] = {"path": str(data)}
+    config["benchmarks"]["arith"]["source"] = [{"path": str(data)}]
+    validate_config(config)
+    # entries no experiment uses are never fetched, so are not checked
+    config["models"]["spare"] = {"source": {"path": str(tmp_path / "nowhere")}}
+    validate_config(config)
+
+
+def test_report_to_backends_must_be_installed(config: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
+    training = config["experiments"]["demo"]["training"]
+    training["report_to"] = ["tensorboard", "wandb"]
+    with pytest.raises(ConfigError, match="experiments.demo.training.report_to: 'wandb' needs the 'wandb' package"):
+        validate_config(config)
+    training["report_to"] = ["none"]
+    validate_config(config)
