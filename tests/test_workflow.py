@@ -1,7 +1,7 @@
 """The Snakemake workflow end to end on a reduced demo config, and what it reruns after config edits.
 
-One real run (session fixture) produces every output; dry runs on edited copies of its config then show
-exactly which jobs Snakemake would plan.
+One real run (module fixture) of the checked-in config/test.yaml produces every output; dry runs on edited copies
+of its config then show exactly which jobs Snakemake would plan.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import copy
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -22,11 +25,12 @@ from tests.conftest import REPO, SMALL_DEMO
 
 pytestmark = pytest.mark.slow
 
-WORKFLOW_FILES = ("Snakefile", "workflow", "profiles")
+WORKFLOW_FILES = ("Snakefile", "workflow", "profiles", "config")
 
 
 def reduced_config(demo_config: dict) -> dict:
-    """Two modes (one anchored), a few training steps, eight test problems, short generations."""
+    """What config/test.yaml must be: the demo config with two modes (one anchored), a few training steps, eight
+    test problems and short generations."""
     config = copy.deepcopy(demo_config)
     config["demo"] = dict(SMALL_DEMO)
     exp = config["experiments"]["demo"]
@@ -38,12 +42,15 @@ def reduced_config(demo_config: dict) -> dict:
     return config
 
 
+def snakemake_env() -> dict[str, str]:
+    return dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+
+
 def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     return subprocess.run(
         [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "config/test.yaml", *args],
         cwd=workdir,
-        env=env,
+        env=snakemake_env(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -71,7 +78,7 @@ def planned_outputs(result: subprocess.CompletedProcess, rule: str) -> list[str]
 
 
 @pytest.fixture(scope="module")
-def finished_workflow(tmp_path_factory: pytest.TempPathFactory, demo_config: dict) -> tuple[Path, dict]:
+def finished_workflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A copy of the workflow with a completed reduced demo run."""
     workdir = tmp_path_factory.mktemp("workflow")
     for name in WORKFLOW_FILES:
@@ -81,13 +88,17 @@ def finished_workflow(tmp_path_factory: pytest.TempPathFactory, demo_config: dic
         else:
             shutil.copy(source, workdir / name)
     (workdir / "src").symlink_to(REPO / "src")  # the schema symlink in workflow/schemas points here
-    (workdir / "config").mkdir()
-    config = reduced_config(demo_config)
-    write_config(workdir, config)
+    config = yaml.safe_load((workdir / "config" / "test.yaml").read_text())
     result = snakemake(workdir)
     logs = "\n".join(p.read_text()[-2000:] for p in (workdir / "logs").rglob("*.log")) if result.returncode else ""
     assert result.returncode == 0, result.stderr[-5000:] + logs
     return workdir, config
+
+
+def test_checked_in_test_config_is_the_reduced_demo(demo_config: dict) -> None:
+    """config/test.yaml is written by hand for reading; it must stay config/config.yaml with the reductions."""
+    with (REPO / "config" / "test.yaml").open() as handle:
+        assert yaml.safe_load(handle) == reduced_config(demo_config)
 
 
 def test_end_to_end_results_table(finished_workflow: tuple[Path, dict]) -> None:
@@ -109,6 +120,63 @@ def test_end_to_end_results_table(finished_workflow: tuple[Path, dict]) -> None:
 def test_nothing_to_do_after_a_run(finished_workflow: tuple[Path, dict]) -> None:
     workdir, _ = finished_workflow
     assert planned_jobs(snakemake(workdir, "-n")) == {}
+
+
+def wait_for(condition: Callable[[], bool], process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"snakemake exited ({process.returncode}) before the condition held"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_a_killed_forced_evaluation_is_replanned(
+    finished_workflow: tuple[Path, dict], tmp_path: Path, sig: signal.Signals
+) -> None:
+    """`-R evaluate_run` removes a job's old outputs before running it. Killed mid-evaluation (the whole process
+    group, as Ctrl-C in a terminal does), a plain `snakemake` must plan that evaluation and the aggregation again,
+    not report nothing to do while metrics.json is missing and the old table stays."""
+    source, _ = finished_workflow
+    workdir = tmp_path / "workflow"
+    shutil.copytree(source, workdir, symlinks=True)  # the kill leaves a state the other tests must not see
+    evaluations = {
+        run: (
+            workdir / f"results/demo/runs/tiny/arith/{run}/seed0/eval/arith/metrics.json",
+            workdir / f"logs/demo/evaluate/tiny/arith/{run}/seed0/arith.log",
+        )
+        for run in ("sft", "asft-kl0.05")
+    }
+
+    def evaluation_running() -> bool:
+        # Snakemake has removed the old outputs and log, and the job's shell has recreated the log; loading the
+        # model and generating take seconds more, so the signal lands mid-evaluation.
+        return any(not metrics.exists() and log.exists() for metrics, log in evaluations.values())
+
+    command = [sys.executable, "-m", "snakemake", "--cores", "1", "--configfile", "config/test.yaml"]
+    process = subprocess.Popen(
+        [*command, "--forcerun", "evaluate_run"],
+        cwd=workdir,
+        env=snakemake_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, so the signal reaches the job as it would from a terminal
+    )
+    try:
+        wait_for(evaluation_running, process, timeout=300)
+        os.killpg(process.pid, sig)
+        process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    killed = [run for run, (metrics, _) in evaluations.items() if not metrics.exists()]
+    assert len(killed) == 1, "the evaluation finished before the signal reached it"
+
+    result = snakemake(workdir, "-n")
+    assert planned_jobs(result) == {"evaluate_run": 1, "aggregate": 1, "all": 1}
+    eval_dir = f"results/demo/runs/tiny/arith/{killed[0]}/seed0/eval/arith"
+    assert planned_outputs(result, "evaluate_run") == [f"{eval_dir}/metrics.json, {eval_dir}/samples.jsonl"]
 
 
 def _set_kl_weight(config: dict) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from asft.config import (
     ConfigError,
     canonical_json,
+    check_config_files,
     eval_spec,
     find_run,
     iter_runs,
@@ -16,6 +17,8 @@ from asft.config import (
 
 _config_source = ", ".join(str(f) for f in workflow.configfiles) or "config"
 try:
+    # Snakemake's YAML loader keeps the last of repeated keys; re-read each file with the strict one.
+    check_config_files(workflow.configfiles)
     CONFIG = validate_config(config, source=_config_source)
 except ConfigError as err:
     raise WorkflowError(str(err)) from None
@@ -88,32 +91,69 @@ def run_identity(run):
     }
 
 
-def experiment_metrics(experiment):
+def experiment_evaluations(experiment):
+    """One output directory per (run or base model, benchmark) pair of the experiment."""
     exp = CONFIG["experiments"][experiment]
-    paths = [
-        f"results/{experiment}/runs/{run.run_id}/eval/{bench}/metrics.json"
+    dirs = [
+        f"results/{experiment}/runs/{run.run_id}/eval/{bench}"
         for run in RUNS[experiment]
         for bench in exp["benchmarks"]
     ]
     if exp["evaluate_base"]:
-        paths += [
-            f"results/{experiment}/base/{model}/eval/{bench}/metrics.json"
+        dirs += [
+            f"results/{experiment}/base/{model}/eval/{bench}"
             for model in exp["models"]
             for bench in exp["benchmarks"]
         ]
-    return paths
+    return dirs
+
+
+def experiment_metrics(experiment):
+    return [f"{d}/metrics.json" for d in experiment_evaluations(experiment)]
 
 
 def experiment_train_dirs(experiment):
     return [f"results/{experiment}/runs/{run.run_id}/train" for run in RUNS[experiment]]
 
 
-def all_targets():
-    targets = []
-    for experiment in CONFIG["experiments"]:
-        targets += [
+def experiment_merged_dirs(experiment):
+    if not is_lora(experiment) or lora_direct(experiment):
+        return []
+    return [
+        f"results/{experiment}/runs/{run.run_id}/merged" for run in RUNS[experiment]
+    ]
+
+
+def experiment_outputs(experiment):
+    """Every declared output under results/: training, merge and evaluation outputs, then the tables and plot.
+
+    All of them are requested by `rule all`, not only the tables. Snakemake replans a job whose output is missing
+    only when a requested target needs that file or a job consuming it has to run anyway; an up-to-date consumer
+    never looks at a missing input (Snakemake treats it like a deleted temp file). A forced evaluation
+    (`-R evaluate_run`) or training that was killed has already had its old outputs removed, so without this a
+    plain `snakemake` would report nothing to do and keep the old table.
+    Fetched resources/ are not requested: they are local copies of pinned external sources, and re-fetching a
+    deleted one would make every run built from it look outdated.
+    """
+    return (
+        experiment_train_dirs(experiment)
+        + experiment_merged_dirs(experiment)
+        + [
+            f"{d}/{name}"
+            for d in experiment_evaluations(experiment)
+            for name in ("metrics.json", "samples.jsonl")
+        ]
+        + [
             f"results/{experiment}/tables/results.csv",
             f"results/{experiment}/tables/results.md",
             f"results/{experiment}/plots/training_curves.png",
         ]
-    return targets
+    )
+
+
+def all_targets():
+    return [
+        path
+        for experiment in CONFIG["experiments"]
+        for path in experiment_outputs(experiment)
+    ]
