@@ -162,13 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors caused by the user's input (bad config, data, source), reported in one line."""
+    """Errors caused by the user's input (bad config, data, source, a learning rate that diverges), reported in
+    one line."""
     from asft.config import ConfigError
     from asft.data import DataFormatError
+    from asft.divergence import TrainingDivergedError
     from asft.evaluation.benchmarks import BenchmarkFormatError
     from asft.fetch import SourceError
 
-    return (ConfigError, DataFormatError, BenchmarkFormatError, SourceError, FileNotFoundError)
+    return (ConfigError, DataFormatError, BenchmarkFormatError, SourceError, FileNotFoundError, TrainingDivergedError)
 
 
 def main(argv: list[str] | None = None) -> int:

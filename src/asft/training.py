@@ -16,14 +16,16 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from asft.data import read_instruction_jsonl, to_prompt_completion
+from asft import checkpoints
+from asft.data import DataFormatError, read_instruction_jsonl, to_prompt_completion
+from asft.divergence import check_finite_step
 from asft.losses import LossSpec, loss_from_hidden
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,9 @@ TRAIN_LOG = "train_log.jsonl"
 RUN_SPEC = "run_spec.json"
 SUMMARY = "train_summary.json"
 LOGGED_STATS = ("ce", "kl", "weight_mean", "target_tokens")
+# Tests only: "module:function" called with (step, checkpoint path) on every rank once a checkpoint is saved and
+# marked, so a test can kill a job at a known point. Comes from the environment of the job, never from the config.
+TEST_HOOK_ENV = "ASFT_TRAIN_TEST_HOOK"
 
 
 def _unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
@@ -123,6 +128,8 @@ def _make_trainer_class() -> type:
             self.kl_log_every = kl_log_every
             self.loss_scaling = loss_scaling
             self.loss_chunk_size = loss_chunk_size
+            self._step_loss_finite: torch.Tensor | None = None
+            self._step_loss: torch.Tensor | None = None
             # token: the loss is already Σ/N over the whole optimizer step; upstream: per-micro-batch means,
             # summed over accumulation steps (the paper's code). Either way Trainer must not divide again.
             self.loss_is_scaled_for_ga = True
@@ -134,6 +141,29 @@ def _make_trainer_class() -> type:
                 self.ref_model = prepare_deepspeed(ref_model, self.accelerator)
             elif ref_model is not None:
                 self.ref_model = ref_model.to(self.accelerator.device)
+
+        def training_step(self, model: torch.nn.Module, inputs: dict, num_items_in_batch: Any = None) -> torch.Tensor:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            # Kept on the device (no synchronisation per micro-batch); checked once per optimizer step.
+            finite = torch.isfinite(loss.detach())
+            self._step_loss_finite = finite if self._step_loss_finite is None else self._step_loss_finite & finite
+            self._step_loss = self._step_loss + loss.detach() if self._step_loss is not None else loss.detach()
+            return loss
+
+        def _maybe_log_save_evaluate(self, tr_loss: torch.Tensor, grad_norm: Any, model: Any, *args: Any, **kw: Any):
+            """Stop on a non-finite step before it is logged or checkpointed, so the last checkpoint is good.
+
+            Trainer passes the norm it computed before the optimizer step; DeepSpeed's engine computes the norm
+            inside its step and hands out the previous step's until then, so it is asked again here.
+            """
+            if self.is_deepspeed_enabled:
+                grad_norm = self._get_grad_norm(model)
+            loss_finite, step_loss = self._step_loss_finite, self._step_loss
+            self._step_loss_finite = self._step_loss = None
+            # An fp16 loss scaler skips overflowing steps by design (the norm is inf, the weights untouched).
+            skipped = self.accelerator.optimizer_step_was_skipped
+            check_finite_step(self.state.global_step, step_loss, loss_finite, None if skipped else grad_norm)
+            return super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kw)
 
         def _logs_drift_now(self) -> bool:
             """Modes without an anchor still run the reference every `kl_log_every` steps, to log the drift."""
@@ -322,14 +352,6 @@ def _sft_config(
     )
 
 
-def _truncate_log(path: Path, keep_through_step: int) -> None:
-    """Keep the log lines of steps a resumed run will not redo; drop the rest (all of them on a fresh start)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= keep_through_step]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
 def data_parallel_command(argv: list[str], num_processes: int) -> list[str] | None:
     """The torchrun command that runs this same `asft` command once per rank; None when no launch is needed.
 
@@ -372,16 +394,73 @@ def check_devices(num_processes: int, deepspeed: str | None = None) -> None:
         )
 
 
-def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoint_dir: Path) -> dict:
+class CheckpointFingerprintCallback(TrainerCallback):
+    """Marks each checkpoint with the run's fingerprint once every rank has saved its part, and drops the
+    previous settings' checkpoints once this run has one of its own."""
+
+    def __init__(self, checkpoint_dir: Path, fingerprint: str) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.fingerprint = fingerprint
+        self.test_hook = _load_test_hook()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # a checkpoint is resumable only once every rank's shard is on disk
+        checkpoint = self.checkpoint_dir / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero:
+            checkpoints.mark_checkpoint(checkpoint, self.fingerprint)
+            checkpoints.remove_stale(self.checkpoint_dir)
+        if self.test_hook is not None:
+            self.test_hook(state.global_step, checkpoint)
+
+
+def _load_test_hook() -> Callable[[int, Path], None] | None:
+    spec = os.environ.get(TEST_HOOK_ENV)
+    if not spec:
+        return None
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def check_dataset_size(data_path: Path, before: int, after: int, max_length: int) -> int:
+    """How many examples tokenisation dropped (no completion token left within max_length); an error if all."""
+    dropped = before - after
+    if after == 0:
+        raise DataFormatError(
+            f"{data_path}: all {before} examples have no response token within training.max_length={max_length} "
+            "(their prompts alone fill it); raise training.max_length or shorten the prompts"
+        )
+    if dropped:
+        log.warning(
+            "%s: %d of %d examples dropped: their prompts fill training.max_length=%d",
+            data_path,
+            dropped,
+            before,
+            max_length,
+        )
+    return dropped
+
+
+def train(
+    model_dir: Path,
+    data_path: Path,
+    spec: dict,
+    out_dir: Path,
+    checkpoint_dir: Path,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> dict:
     """Train one run and write the adapter (LoRA) or full weights plus logs to `out_dir`.
 
-    Checkpoints go to `checkpoint_dir`, outside the declared output, and a restarted job resumes from the newest.
-    The output is assembled in a sibling temp dir and renamed at the end, so a failed job leaves nothing that
-    looks complete.
+    Checkpoints go to `checkpoint_dir`, outside the declared output; a restarted job resumes from the newest one
+    written for the same settings (`asft.checkpoints`). The output is assembled in a sibling temp dir and renamed
+    at the end, so a failed job leaves nothing that looks complete. `callbacks` are extra Trainer callbacks.
     """
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     settings = spec["training"]
     loss_spec = LossSpec.from_config(spec["loss"])
@@ -389,6 +468,23 @@ def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoin
     if settings["max_samples"] is not None:
         records = records[: settings["max_samples"]]
     dataset = Dataset.from_list([to_prompt_completion(r, settings["template"]) for r in records])
+
+    # Under torchrun/accelerate every rank runs this function. Every rank decides the same resume point from the
+    # files (a matching checkpoint is never moved); only the main process changes the run's files, so no rank
+    # deletes or truncates what another is reading or writing. The rank comes from the launcher's environment:
+    # the distributed state itself is set up later, by the Trainer.
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    fingerprint = checkpoints.run_fingerprint(spec, model_dir, data_path)
+    resume = checkpoints.resumable_checkpoint(checkpoint_dir, fingerprint)
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    log_path = checkpoint_dir / TRAIN_LOG
+    if is_main:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir(parents=True)
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.set_aside_stale(checkpoint_dir, fingerprint)
+        (tmp_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+        checkpoints.truncate_log(log_path, checkpoints.checkpoint_step(resume) if resume else 0)
 
     dtype = resolve_dtype(settings["dtype"])
     trust = settings["trust_remote_code"]
@@ -400,45 +496,41 @@ def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoin
         ref_model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust)
         ref_model.eval().requires_grad_(False)
 
-    # Under torchrun/accelerate every rank runs this function. Only the main process touches the run's files
-    # (the other ranks never read them), so no rank deletes or truncates what another is writing. The rank comes
-    # from the launcher's environment: the distributed state itself is set up later, by the Trainer.
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    resume = get_last_checkpoint(str(checkpoint_dir)) if any(checkpoint_dir.glob("checkpoint-*")) else None
-    log_path = checkpoint_dir / TRAIN_LOG
-    if is_main:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        (tmp_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
-        _truncate_log(log_path, int(resume.rsplit("-", 1)[1]) if resume else 0)
-
     trainer_class = _make_trainer_class()
-    trainer = trainer_class(
-        model=model,
-        args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype, _configure_cpu_deepspeed(settings)),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=_lora_config(settings) if lora else None,
-        callbacks=[JsonlLogCallback(log_path)],
-        loss_spec=loss_spec,
-        ref_model=ref_model,
-        kl_log_every=settings["kl_log_every"],
-        loss_scaling=settings["loss_scaling"],
-        loss_chunk_size=settings["loss_chunk_size"],
-    )
-    if resume:
-        log.info("resuming from %s", resume)
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(tmp_dir))  # every rank: ZeRO-3 gathers the shards; only the main process writes
+    try:
+        trainer = trainer_class(
+            model=model,
+            args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype, _configure_cpu_deepspeed(settings)),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=_lora_config(settings) if lora else None,
+            callbacks=[JsonlLogCallback(log_path), CheckpointFingerprintCallback(checkpoint_dir, fingerprint)]
+            + list(callbacks),
+            loss_spec=loss_spec,
+            ref_model=ref_model,
+            kl_log_every=settings["kl_log_every"],
+            loss_scaling=settings["loss_scaling"],
+            loss_chunk_size=settings["loss_chunk_size"],
+        )
+        dropped = check_dataset_size(data_path, len(dataset), len(trainer.train_dataset), settings["max_length"])
+        if resume:
+            log.info("resuming from %s", resume)
+        started = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        trainer.save_model(str(tmp_dir))  # every rank: ZeRO-3 gathers the shards; only the main process writes
+    except BaseException:
+        if is_main:  # nothing of a failed job may look like output; the checkpoints and the log stay for a resume
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     summary = {
         "finetune": settings["finetune"],
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss if math.isfinite(result.training_loss) else None,
         "train_seconds": time.perf_counter() - started,
-        "resumed_from": resume,
+        "resumed_from": str(resume) if resume else None,
+        "fingerprint": fingerprint,
+        "examples": len(dataset),
+        "examples_dropped_too_long": dropped,
         "world_size": trainer.accelerator.num_processes,
         "distributed_type": str(trainer.accelerator.distributed_type.value),  # NO, MULTI_GPU, DEEPSPEED, ...
         "zero_stage": trainer.accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
@@ -449,6 +541,7 @@ def train(model_dir: Path, data_path: Path, spec: dict, out_dir: Path, checkpoin
             log_path.touch()
         shutil.copyfile(log_path, tmp_dir / TRAIN_LOG)
         (tmp_dir / SUMMARY).write_text(json.dumps(summary, indent=2))
+        checkpoints.remove_checkpoints(checkpoint_dir)  # a finished run is no resume point for a later job
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp_dir, out_dir)

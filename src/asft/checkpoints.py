@@ -1,0 +1,161 @@
+"""Which checkpoint a train job may resume: only one written for the same settings by a job that did not finish.
+
+A run's checkpoints live outside its declared output so that a killed job resumes instead of starting over. That
+is only correct while the checkpoint belongs to the same run: a rerun with a new learning rate, new data or a new
+model under the same run id, or a forced retrain of a finished run, must start fresh. So every checkpoint carries
+the fingerprint of what produced it (the train spec, the data file's hash, the model's identity), written once
+every rank has saved its part; a job resumes the newest checkpoint whose fingerprint is its own, sets the others
+aside, and deletes them once it has a checkpoint of its own. A finished run deletes its checkpoints (its output
+holds the final weights), so it is never a resume point for a later job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT_FILE = "asft_fingerprint.json"
+STALE_DIR = "stale"  # not matched by transformers' `checkpoint-<N>` pattern, so the Trainer never sees it
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Files above this size are identified by size and modification time rather than hashed: the weights of a 7B
+# model would take minutes to hash, and a rewritten weights file always has a new mtime.
+_HASH_LIMIT_BYTES = 16 << 20
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_identity(model_dir: Path) -> list[list[Any]]:
+    """Every file of a model directory: small ones (config, tokenizer) by content, weights by size and mtime."""
+    model_dir = Path(model_dir).resolve()  # a `path:` model is a symlink to the user's directory
+    identity = []
+    for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
+        stat = path.stat()
+        fact = _sha256_file(path) if stat.st_size <= _HASH_LIMIT_BYTES else [stat.st_size, stat.st_mtime_ns]
+        identity.append([str(path.relative_to(model_dir)), fact])
+    return identity
+
+
+def run_fingerprint(spec: dict, model_dir: Path, data_path: Path) -> str:
+    """A hash of everything that decides a run's training trajectory."""
+    payload = {"spec": spec, "model": model_identity(model_dir), "data": _sha256_file(Path(data_path))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """`checkpoint-<N>` folders, newest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [p for p in checkpoint_dir.iterdir() if _CHECKPOINT.match(p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)), reverse=True)
+
+
+def checkpoint_step(checkpoint: Path | str) -> int:
+    return int(_CHECKPOINT.match(Path(checkpoint).name).group(1))
+
+
+def _fingerprint_of(checkpoint: Path) -> str | None:
+    """The fingerprint a checkpoint was marked with; None if unmarked (a save cut short), unreadable or gone."""
+    try:
+        return json.loads((checkpoint / FINGERPRINT_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resumable_checkpoint(checkpoint_dir: Path, fingerprint: str) -> Path | None:
+    """The newest checkpoint marked with `fingerprint`, or None: the job then starts fresh.
+
+    Read-only, so every rank of a job can call it and reach the same answer while the main rank sets the
+    others aside: a matching checkpoint is never moved.
+    """
+    for checkpoint in _checkpoints(Path(checkpoint_dir)):
+        if _fingerprint_of(checkpoint) == fingerprint:
+            return checkpoint
+    return None
+
+
+def set_aside_stale(checkpoint_dir: Path, fingerprint: str) -> list[str]:
+    """Move checkpoints not marked with `fingerprint` into `stale/`, out of the Trainer's sight; returns their names.
+
+    They are kept until the new run has a checkpoint of its own (`remove_stale`), so a job killed at once loses
+    nothing it could have used.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    moved = []
+    for checkpoint in _checkpoints(checkpoint_dir):
+        if _fingerprint_of(checkpoint) == fingerprint:
+            continue
+        stale = checkpoint_dir / STALE_DIR / checkpoint.name
+        shutil.rmtree(stale, ignore_errors=True)
+        stale.parent.mkdir(exist_ok=True)
+        os.replace(checkpoint, stale)
+        moved.append(checkpoint.name)
+    if moved:
+        log.warning(
+            "%s: checkpoints %s were written for other settings or by a finished job; starting fresh",
+            checkpoint_dir,
+            ", ".join(moved),
+        )
+    return moved
+
+
+def remove_stale(checkpoint_dir: Path) -> None:
+    shutil.rmtree(Path(checkpoint_dir) / STALE_DIR, ignore_errors=True)
+
+
+def mark_checkpoint(checkpoint: Path, fingerprint: str) -> None:
+    """Declare a fully saved checkpoint resumable by jobs with this fingerprint (atomic: a kill leaves no half mark)."""
+    tmp = checkpoint / (FINGERPRINT_FILE + ".tmp")
+    tmp.write_text(json.dumps({"fingerprint": fingerprint}))
+    os.replace(tmp, checkpoint / FINGERPRINT_FILE)
+
+
+def remove_checkpoints(checkpoint_dir: Path) -> None:
+    """After a run finished: its checkpoints are no resume point for any later job (the log and TensorBoard stay)."""
+    for checkpoint in _checkpoints(Path(checkpoint_dir)):
+        shutil.rmtree(checkpoint)
+    remove_stale(checkpoint_dir)
+
+
+def read_log_through(path: Path, keep_through_step: int) -> list[str]:
+    """The lines of a JSONL training log for steps up to `keep_through_step`.
+
+    A job killed mid-write leaves a torn last line: it is dropped (its step is redone). A bad line anywhere else
+    is corruption, reported with its line number.
+    """
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError) as err:
+            if number == len(lines):
+                log.warning("%s:%d: dropping a torn last line (the job was killed while writing it)", path, number)
+                break
+            raise ValueError(f"{path}:{number}: not a training-log record ({err})") from err
+        if step <= keep_through_step:
+            kept.append(line)
+    return kept
+
+
+def truncate_log(path: Path, keep_through_step: int) -> None:
+    """Keep the log lines of steps a resumed run will not redo; drop the rest (all of them on a fresh start)."""
+    if path.exists():
+        path.write_text("".join(line + "\n" for line in read_log_through(path, keep_through_step)), encoding="utf-8")
