@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from asft.evaluation.benchmarks import (
     BENCHMARK_FORMATS,
     CHOICE_FORMATS,
     MATH_FORMATS,
+    MAX_QUESTION_CHARS,
     BenchmarkFormatError,
     Example,
     last_boxed,
@@ -244,3 +246,38 @@ def test_last_boxed() -> None:
     assert last_boxed("none") is None and last_boxed("\\boxed{unclosed") is None
     assert last_boxed("\\boxed{1} and \\boxed{2") is None  # the final answer was cut off: no answer
     assert last_boxed("\\boxedanswer{3}") is None
+
+
+@pytest.mark.parametrize(
+    ("name", "good"),
+    [
+        ("math500", {"problem": "q" * 20_000, "answer": "1"}),
+        ("medqa", {"question": "q" * 20_000, "options": {"A": "a", "B": "b"}, "answer_idx": "A"}),
+        ("normalized", {"id": "0", "question": "q" * 20_000, "gold": "1", "choices": None, "kind": "math"}),
+    ],
+)
+def test_non_utf8_bytes_name_file_and_line(tmp_path: Path, name: str, good: dict) -> None:
+    """Read line by line as bytes, so the error points at the bad line, past an 8 KiB read buffer too."""
+    path = tmp_path / "bench.jsonl"
+    path.write_bytes(json.dumps(good).encode() + b"\n\n" + b'{"problem": "caf\xe9"}\n')
+    with pytest.raises(BenchmarkFormatError, match=r"bench\.jsonl:3: not UTF-8 \(byte 0xe9"):
+        load_normalized(path) if name == "normalized" else load_benchmark(name, path)
+
+
+def test_an_outsized_question_is_refused_at_load(tmp_path: Path) -> None:
+    """A 1 MB problem is a broken file; it fails here, by name, rather than as a huge tensor at generation."""
+    path = _write(tmp_path / "bench.jsonl", {"problem": "x" * 1_000_000, "answer": "1", "unique_id": "big"})
+    with pytest.raises(BenchmarkFormatError, match=r"bench\.jsonl:1: problem 'big' is 1000000 characters long"):
+        load_benchmark("math500", path)
+    normalized = _write(tmp_path / "normalized.jsonl", {"id": "a", "question": "q", "gold": "1", "kind": "math"})
+    with normalized.open("a") as handle:
+        handle.write(json.dumps({"id": "b", "question": "x" * (MAX_QUESTION_CHARS + 1), "gold": "1", "kind": "math"}))
+    with pytest.raises(BenchmarkFormatError, match=r"normalized\.jsonl:2: problem 'b' is 100001 characters"):
+        load_normalized(normalized)
+
+
+def test_last_boxed_is_linear() -> None:
+    started = time.monotonic()
+    assert last_boxed("\\boxed{" * 100_000) is None
+    assert last_boxed("\\boxed{" * 100_000 + "1}") == "1"
+    assert time.monotonic() - started < 2.0  # a brace scan from the last opener only: milliseconds

@@ -40,6 +40,15 @@ def test_malformed_training_line_names_file_and_line(tmp_path: Path, line: str, 
         read_instruction_jsonl(path)
 
 
+def test_non_utf8_training_line_names_file_and_line(tmp_path: Path) -> None:
+    """Not a UnicodeDecodeError traceback: the line is found even past the first 8 KiB read buffer."""
+    path = tmp_path / "bad.jsonl"
+    good = json.dumps({"instruction": "a" * 20_000, "response": "b"}).encode() + b"\n"
+    path.write_bytes(good + good + b'{"instruction": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(DataFormatError, match=r"bad\.jsonl:3: not UTF-8 \(byte 0xe9 at byte 21\)"):
+        read_instruction_jsonl(path)
+
+
 def test_chat_templates_use_the_tokenizer(small_demo: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -54,6 +54,7 @@ def test_outputs_and_metrics(small_demo: Path, arith: Path, tmp_path: Path) -> N
     stored = json.loads((tmp_path / runner.METRICS).read_text())
     assert stored["avg_at_n"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
     assert stored["template"] == "alpaca" and stored["backend"] == "transformers"
+    assert stored["grading_truncated"] == 0 and samples[0]["truncated"] is False
     assert stored["sampling"]["max_new_tokens"] == 24 and stored["run"] == {"mode_label": "base"}
     low, high = stored["avg_ci"]
     assert low <= stored["avg_at_n"] <= high
@@ -106,8 +107,12 @@ def test_greedy_generation_is_deterministic_and_batch_independent(small_demo: Pa
 
 @pytest.mark.skipif(not (SHARED_BENCHMARKS / "medqa").exists(), reason="shared benchmark files not present")
 def test_multiple_choice_by_letter_logprob(small_demo: Path, tmp_path: Path) -> None:
+    # The four shortest questions: most MedQA prompts are longer than the demo model's 512-token context.
+    lines = (SHARED_BENCHMARKS / "medqa/test.jsonl").read_text(encoding="utf-8").splitlines()
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(line + "\n" for line in sorted(lines, key=len)[:4]), encoding="utf-8")
     bench = tmp_path / "medqa.jsonl"
-    fetch_benchmark({"format": "medqa", "source": {"path": str(SHARED_BENCHMARKS / "medqa/test.jsonl")}}, bench)
+    fetch_benchmark({"format": "medqa", "source": {"path": str(short)}}, bench)
     spec = _spec(benchmark="medqa", format="medqa", max_problems=4)
     metrics = runner.evaluate(small_demo / "model", bench, spec, tmp_path / "out")
     samples = [json.loads(line) for line in (tmp_path / "out" / runner.SAMPLES).read_text().splitlines()]
@@ -160,3 +165,29 @@ def test_work_file_from_other_settings_is_not_resumed(small_demo: Path, arith: P
     samples = [json.loads(line) for line in (tmp_path / runner.SAMPLES).read_text().splitlines()]
     assert len(samples) == 2 and all(s["completion"] != "x" for s in samples)
     assert not partial.exists() and not (tmp_path / runner.PARTIAL_KEY).exists()
+
+
+def test_a_prompt_longer_than_the_context_fails_before_generation(
+    small_demo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All prompts are measured first: the error names the file, the problem and the token counts, and nothing
+    is generated (the demo model's context is 512 tokens)."""
+    bench = tmp_path / "bench.jsonl"
+    problems = [("short", "What is 2 plus 3?"), ("long", "one two three " * 300), ("fine", "What is 4 plus 4?")]
+    bench.write_text(
+        "".join(
+            json.dumps({"id": i, "question": q, "gold": "5", "choices": None, "kind": "math"}) + "\n"
+            for i, q in problems
+        )
+    )
+
+    def no_generation(self, prompts, params):
+        raise AssertionError("generation started")
+
+    monkeypatch.setattr(TransformersBackend, "generate", no_generation)
+    with pytest.raises(runner.PromptTooLongError) as caught:
+        runner.evaluate(small_demo / "model", bench, _spec(), tmp_path / "out")
+    message = str(caught.value)
+    assert message.startswith(f"{bench}: problem 'long': its prompt is ")
+    assert "plus max_new_tokens 24" in message and "over the model's context of 512 tokens" in message
+    assert not (tmp_path / "out" / runner.PARTIAL).exists()

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.server
 import json
+import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -117,3 +122,91 @@ def test_benchmark_sources_in_a_list_are_concatenated(tmp_path: Path) -> None:
     assert fetch_benchmark(entry, out) == 2
     normalised = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["id"], r["question"], r["gold"]) for r in normalised] == [("0", "x?", "A"), ("1", "y?", "B")]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:secret@host.org/a/b.jsonl?token=abc&name=x", "https://***@host.org/a/b.jsonl?token=***&name=x"),
+        (
+            "https://host/x?X-Amz-Signature=s&X-Amz-Credential=c&v=1",
+            "https://host/x?X-Amz-Signature=***&X-Amz-Credential=***&v=1",
+        ),
+        (
+            "https://host:8080/x?sig=s&api_key=k&password=p#access_token=t",
+            "https://host:8080/x?sig=***&api_key=***&password=***#access_token=***",
+        ),
+        ("https://ghp_token@host/x.jsonl", "https://***@host/x.jsonl"),
+        ("file:///data/train.jsonl", "file:///data/train.jsonl"),
+        ("http://[::1", "<unparseable URL>"),
+    ],
+    ids=["userinfo-and-token", "s3-signature", "fragment", "token-as-user", "file", "unparseable"],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    assert fetch.redact_url(url) == shown
+
+
+class _Server(http.server.BaseHTTPRequestHandler):
+    """Serves BODY to requests carrying the Basic credentials user:secret, and 401 to any other."""
+
+    BODY = json.dumps({"instruction": "a", "response": "b"}).encode() + b"\n"
+    seen: list[str | None] = []
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        auth = self.headers.get("Authorization")
+        self.seen.append(auth)
+        ok = auth == "Basic " + base64.b64encode(b"user:secret").decode()
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Length", str(len(self.BODY) if ok else 0))
+        self.end_headers()
+        if ok:
+            self.wfile.write(self.BODY)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A local HTTP server (no network); proxies from the environment are bypassed for it."""
+    monkeypatch.setenv("no_proxy", "*")
+    monkeypatch.setenv("NO_PROXY", "*")
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Server)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_url_credentials_are_sent_and_never_shown(server: str, tmp_path: Path) -> None:
+    """user:password@ becomes a Basic Authorization header (urllib would take it for part of the host name), and
+    no error message repeats the password or a token."""
+    digest = hashlib.sha256(_Server.BODY).hexdigest()
+    url = f"http://user:secret@{server}/train.jsonl?token=tok123"
+    assert download_url(url, digest, tmp_path / "a.jsonl").read_bytes() == _Server.BODY
+    assert _Server.seen[-1] == "Basic " + base64.b64encode(b"user:secret").decode()
+    failures = [
+        (url, "0" * 64),  # sha256 mismatch
+        (f"http://user:wrong@{server}/train.jsonl?sig=sig456", digest),  # HTTP 401
+        ("//user:secret@host/x?token=tok123", digest),  # a URL urllib refuses (its ValueError quotes it)
+    ]
+    for bad_url, sha in failures:
+        with pytest.raises(SourceError) as caught:
+            download_url(bad_url, sha, tmp_path / "b.jsonl")
+        message = str(caught.value)
+        assert "***" in message and not {"secret", "wrong", "tok123", "sig456"} & set(re.findall(r"\w+", message))
+        error = caught.value  # nor a chained original exception, whose traceback would show the secret
+        assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+def test_dataset_errors_name_the_url_source_redacted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fake_download(url: str, sha256: str, dest: Path) -> Path:
+        return _write_rows(dest, [{"instruction": "a"}])
+
+    monkeypatch.setattr(fetch, "download_url", fake_download)
+    source = {"url": "https://user:secret@host/train.jsonl?token=tok123", "sha256": "0" * 64}
+    with pytest.raises(DataFormatError, match="missing or non-string column") as caught:
+        fetch_dataset({"source": source}, tmp_path / "out.jsonl")
+    assert "https://***@host/train.jsonl?token=***" in str(caught.value)
+    assert "secret" not in str(caught.value) and "tok123" not in str(caught.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -179,3 +181,78 @@ def test_extract_answer(completion: str, expected: str | None) -> None:
 def test_grade_choice() -> None:
     assert grade_choice("b", "B") and grade_choice(" C ", "C")
     assert not grade_choice(None, "A") and not grade_choice("C", "A")
+
+
+# Text that made the old regexes quadratic (minutes for one completion), and other worst cases for a parser.
+ADVERSARIAL = {
+    "gsm8k-spaces": "#### a" + " " * 100_000 + "b",  # a lazy group followed by [ \t]*: ~50 s in the old regex
+    "latex-brackets": "\\[" * 100_000,  # a lazy .+? scanning to the end from every opener: ~180 s in the old one
+    "latex-parens": "\\(" * 100_000,
+    "dollars": "$ " * 100_000,
+    "boxed-opens": "\\boxed{" * 100_000,  # last_boxed: the brace scan starts only at the last one
+    "long-answer": "The answer is " + "x" * 1_000_000,
+    "expand": "\\boxed{(x+1)^{1000000}}",  # sympy expands this for minutes: the worker's timer ends it
+}
+
+
+def test_adversarial_completions_cost_at_most_the_timeout_each() -> None:
+    """Nothing parses model text outside a timed worker, so a batch costs at most ~(timeout + grace) per item;
+    the old code re-ran the quadratic regexes in the parent, untimed, after each worker timeout (minutes)."""
+    timeout_s = 1.0
+    with MathGrader(workers=1, timeout_s=timeout_s) as grader:
+        assert grader.grade([("\\boxed{1}", "1")])[0].correct  # the worker has started: only grading is timed
+        started = time.monotonic()
+        results = grader.grade([(text, "1") for text in ADVERSARIAL.values()])
+        elapsed = time.monotonic() - started
+    assert elapsed < len(ADVERSARIAL) * (timeout_s + grading.KILL_GRACE_S) + 5
+    assert not any(r.correct for r in results)
+    assert [r.truncated for r in results] == [len(text) > grading.MAX_COMPLETION_CHARS for text in ADVERSARIAL.values()]
+
+
+@pytest.mark.parametrize("name", [name for name in ADVERSARIAL if name != "expand"])
+def test_extract_answer_is_linear_on_adversarial_text(name: str) -> None:
+    text = ADVERSARIAL[name]
+    started = time.monotonic()
+    extract_answer(text)
+    assert time.monotonic() - started < 2.0  # milliseconds now; 50 s and more with the old regexes
+
+
+def test_the_parent_never_parses_model_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a timeout or an error the answer shown is still found, by the worker, under the item's timer."""
+    (tmp_path / "grading_test_hooks.py").write_text(textwrap.dedent(HOOKS))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv(grading.TEST_HOOK_ENV, "grading_test_hooks:hook")
+
+    def forbidden(*args: object) -> None:
+        raise AssertionError("model text parsed in the parent process")
+
+    for name in ("extract_answer", "last_boxed", "_gsm8k_answer", "_completion_candidates"):
+        monkeypatch.setattr(grading, name, forbidden)  # this process only: the workers are fresh interpreters
+    results = grade_math_batch([("<sleep>", "1"), ("\\boxed{2}", ""), ("\\boxed{3}", "3")], workers=1, timeout_s=1)
+    assert results == [
+        GradeResult(False, None, "timeout"),
+        GradeResult(False, "2", "error"),  # an unparseable gold: what it answered, found in the worker
+        GradeResult(True, "3", "ok"),
+    ]
+
+
+def test_long_completions_are_graded_on_their_tail() -> None:
+    filler = "x" * grading.MAX_COMPLETION_CHARS
+    results = grade_math_batch([(filler + " so \\boxed{7}", "7"), ("\\boxed{7} " + filler, "7"), ("\\boxed{7}", "7")])
+    assert [(r.correct, r.truncated) for r in results] == [(True, True), (False, True), (True, False)]
+
+
+OLD_LATEX_MATH = re.compile(r"\$\$(.+?)\$\$|\$([^$]+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.S)
+OLD_GSM8K_ANSWER = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
+
+
+def test_linear_parsers_find_what_the_quadratic_regexes_found() -> None:
+    """On short random text (where the old regexes are fast) the replacements agree with them exactly."""
+    rng = random.Random(0)
+    alphabet = ["$", "\\", "[", "]", "(", ")", "a", " ", "\n", "#", "\t", "\r", ",", "1"]
+    for _ in range(20_000):
+        text = ("####" if rng.random() < 0.3 else "") + "".join(rng.choices(alphabet, k=rng.randint(0, 16)))
+        spans = OLD_LATEX_MATH.findall(text)
+        assert grading._last_math_span(text) == (next(p for p in spans[-1] if p) if spans else None), text
+        answers = OLD_GSM8K_ANSWER.findall(text)
+        assert grading._gsm8k_answer(text) == (answers[-1].replace(",", "").strip() if answers else None), text

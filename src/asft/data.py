@@ -24,10 +24,19 @@ class DataFormatError(ValueError):
 
 
 def iter_json_objects(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
-    """(1-based line number, object) for each non-blank line; a bad line raises `error` naming file and line."""
+    """(1-based line number, object) for each non-blank line; a bad line raises `error` naming file and line.
+
+    Lines are read as bytes and decoded one by one, so a non-UTF-8 byte is reported with its own line number
+    (a text-mode reader fails on a whole buffer, with no line to point at).
+    """
     path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                offending = raw[err.start]
+                raise error(f"{path}:{line_no}: not UTF-8 (byte {offending:#04x} at byte {err.start + 1})") from err
             if not line.strip():
                 continue
             try:

@@ -6,11 +6,14 @@ benchmark JSONL), so the later stages never care where things came from.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +24,64 @@ from asft.data import iter_json_objects, prepare_dataset_records, write_jsonl
 
 class SourceError(ValueError):
     """A source that cannot be obtained or does not match its pinned checksum."""
+
+
+# Query parameters whose values are credentials: API tokens, signed-URL signatures (S3, GCS, Azure SAS), keys.
+_SECRET_PARAM = re.compile(r"token|sig|key|pass|pwd|secret|credential|auth|session", re.I)
+_REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a message or a log: the user:password@ part and the values of secret-looking query (and
+    fragment) parameters become "***". Every message that shows a source's URL goes through here."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # not parseable, so its secrets cannot be told apart: show none of it
+        return "<unparseable URL>"
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = _REDACTED + "@" + netloc.rpartition("@")[2]
+
+    def params(text: str) -> str:
+        pairs = (pair.partition("=") for pair in text.split("&"))
+        return "&".join(k + sep + (_REDACTED if sep and _SECRET_PARAM.search(k) else v) for k, sep, v in pairs)
+
+    return urllib.parse.urlunsplit(
+        parts._replace(netloc=netloc, query=params(parts.query), fragment=params(parts.fragment))
+    )
+
+
+def _scrub(text: str, url: str) -> str:
+    """`text` (an exception's message) with `url`, its user:password and its secret parameter values redacted
+    wherever they appear: urllib quotes URLs, or parts of them, in its errors."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return text.replace(url, redact_url(url))
+    secrets = [parts.netloc.rpartition("@")[0], parts.password or ""]
+    for params in (parts.query, parts.fragment):
+        secrets += [v for k, _, v in (pair.partition("=") for pair in params.split("&")) if _SECRET_PARAM.search(k)]
+    text = text.replace(url, redact_url(url))
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):  # "user:pw" before "pw" alone
+        text = text.replace(secret, _REDACTED)
+    return text
+
+
+def _redact_source(source: dict) -> dict:
+    return {k: redact_url(v) if k == "url" and isinstance(v, str) else v for k, v in source.items()}
+
+
+def _request(url: str) -> urllib.request.Request:
+    """urllib does not send a URL's user:password itself (it takes them for part of the host name): they go in a
+    Basic Authorization header instead, one that is not repeated on a redirect to another host."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return urllib.request.Request(url)
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2])))
+    user, password = urllib.parse.unquote(parts.username or ""), urllib.parse.unquote(parts.password or "")
+    credentials = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    request.add_unredirected_header("Authorization", f"Basic {credentials}")
+    return request
 
 
 def sha256_of(path: Path) -> str:
@@ -36,22 +97,23 @@ def download_url(url: str, sha256: str, dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
         try:
-            with urllib.request.urlopen(url, timeout=60) as response:  # noqa: S310 - schema allows http(s)/file
+            with urllib.request.urlopen(_request(url), timeout=60) as response:  # noqa: S310 - schema: http(s)/file
                 shutil.copyfileobj(response, tmp)
-        except OSError as err:
+        except (OSError, ValueError) as err:  # ValueError: a URL urllib cannot use, and its message quotes it
             os.unlink(tmp.name)
-            raise SourceError(f"{url}: download failed: {err}") from err
+            # `from None`: a chained traceback would print the unredacted original message.
+            raise SourceError(f"{redact_url(url)}: download failed: {_scrub(str(err), url)}") from None
     actual = sha256_of(Path(tmp.name))
     if actual != sha256:
         os.unlink(tmp.name)
-        raise SourceError(f"{url}: sha256 mismatch: expected {sha256}, got {actual}")
+        raise SourceError(f"{redact_url(url)}: sha256 mismatch: expected {sha256}, got {actual}")
     os.replace(tmp.name, dest)
     return dest
 
 
 def _demo_path(source: dict, demo_dir: Path | None) -> Path:
     if demo_dir is None:
-        raise SourceError(f"source {source} is a demo artefact but no --demo-dir was given")
+        raise SourceError(f"source {_redact_source(source)} is a demo artefact but no --demo-dir was given")
     path = Path(demo_dir) / source["demo"]
     if not path.exists():
         raise SourceError(f"{path}: demo artefact missing; run `asft build-demo` first")
@@ -111,7 +173,7 @@ def source_rows(source: dict, work_dir: Path, demo_dir: Path | None = None) -> I
     if "demo" in source:
         return _read_rows(_demo_path(source, demo_dir))
     if "url" in source:
-        name = Path(source["url"].split("?")[0]).name or "download"
+        name = Path(urllib.parse.urlsplit(source["url"]).path).name or "download"  # never the user:password@
         return _read_rows(download_url(source["url"], source["sha256"], work_dir / name))
     if "hub" in source:
         if "filename" in source:
@@ -143,7 +205,7 @@ def fetch_dataset(dataset: dict, out_path: Path, demo_dir: Path | None = None) -
             dataset.get("fields", {}),
             dataset.get("max_samples"),
             dataset.get("shuffle_seed", 42),
-            origin=json.dumps(dataset["source"], sort_keys=True),
+            origin=json.dumps(_redact_source(dataset["source"]), sort_keys=True),
         )
     return write_jsonl(out_path, records)
 

@@ -25,6 +25,10 @@ Kind = Literal["math", "choice"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
+# The longest problem text (question plus options) a benchmark may hold. Published problems run to a few thousand
+# characters; a far longer one is a broken file, and would only fail later, at generation, as an outsized tensor.
+MAX_QUESTION_CHARS = 100_000
+
 
 class BenchmarkFormatError(ValueError):
     """A malformed benchmark line, reported with file, 1-based line and field."""
@@ -229,7 +233,15 @@ def load_benchmark(name: str, path: str | Path) -> list[Example]:
         raise ValueError(f"unknown benchmark format {name!r}; expected one of {BENCHMARK_FORMATS}")
     path = Path(path)
     loader = LOADERS[name]
-    return _check_ids(path, [(line.line_no, loader(line)) for line in _records(path)])
+    return _check_ids(path, [(line.line_no, _bounded(line, loader(line))) for line in _records(path)])
+
+
+def _bounded(line: _Line, example: Example) -> Example:
+    """Refuse a problem whose text is beyond any real benchmark's (see MAX_QUESTION_CHARS)."""
+    size = len(example.question) + sum(len(choice) for choice in example.choices or ())
+    if size > MAX_QUESTION_CHARS:
+        raise line.fail(f"problem {example.id!r} is {size} characters long; the limit is {MAX_QUESTION_CHARS}")
+    return example
 
 
 def _check_ids(path: Path, numbered: list[tuple[int, Example]]) -> list[Example]:
@@ -272,16 +284,12 @@ def load_normalized(path: str | Path) -> list[Example]:
                 raise line.fail("a 'choice' problem needs at least two choices")
             if gold not in tuple(string.ascii_uppercase[: len(choices)]):
                 raise line.fail(f"field 'gold' {gold!r} is not a letter of the {len(choices)} choices")
-        examples.append(
-            (
-                line.line_no,
-                Example(
-                    id=line.get("id", str),
-                    question=line.get("question", str),
-                    gold=gold,
-                    choices=tuple(choices) if choices is not None else None,
-                    kind=kind,
-                ),
-            )
+        example = Example(
+            id=line.get("id", str),
+            question=line.get("question", str),
+            gold=gold,
+            choices=tuple(choices) if choices is not None else None,
+            kind=kind,
         )
+        examples.append((line.line_no, _bounded(line, example)))
     return _check_ids(path, examples)

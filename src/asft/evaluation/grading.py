@@ -6,12 +6,16 @@ Model text reaches sympy (whose parser evaluates code) only inside a worker proc
 the worker arms a per-item interval timer (math-verify's own alarms are switched off, so one budget covers
 extraction, gold parsing and comparison), and the parent kills a worker that stays silent past the budget plus
 a grace period (a computation stuck in C code never sees the signal). A timeout or a parse failure grades as
-incorrect and is counted in `GradeResult.status`, never a crash or a hang.
+incorrect and is counted in `GradeResult.status`, never a crash or a hang. The parent only slices and ships text:
+completions are cut to their last MAX_COMPLETION_CHARS characters, which bounds every parser's work, and even the
+text-only answer shown for a timed-out item is found inside the worker, under the item's timer.
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
+import dataclasses
 import functools
 import json
 import os
@@ -37,6 +41,9 @@ STARTUP_S = 60.0  # a worker's interpreter start and math-verify import, on a lo
 KILL_GRACE_S = 1.0  # the parent waits this long past the worker's own deadline before killing it
 WORKER_MEMORY_BYTES = 4 << 30  # address-space cap per worker: "expand (x+1)^(10^6)" fails, not the node
 DEFAULT_CHUNK = 16  # items sent to a worker at once: fewer pipe round trips, same per-item timeout
+# Completions are graded on their last this-many characters (answers come at the end). About 5,000 tokens of text:
+# more than a typical max_new_tokens, and small enough that a parser's worst case stays within a short timeout.
+MAX_COMPLETION_CHARS = 20_000
 
 # Tests only: "module:function" called with (completion, gold) before each item inside a worker, so a test can
 # make a worker hang. It comes from the environment of the process that starts the workers, never from model text.
@@ -49,14 +56,17 @@ class GradeResult:
     correct: bool
     extracted: str | None
     status: Status
+    truncated: bool = False  # only the last MAX_COMPLETION_CHARS characters of the completion were graded
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Text-only helpers (safe in any process: no sympy, no eval).
 
-_GSM8K_ANSWER = re.compile(r"^[ \t]*####[ \t]*(\S[^\n]*?)[ \t]*$", re.MULTILINE)
+# These run in linear time: no lazy group followed by a quantifier over the same characters, and no lazy group
+# that scans to the end of the text from each of many start positions (math spans are found by _last_math_span).
+_GSM8K_ANSWER = re.compile(r"^[ \t]*####([^\n]*)", re.MULTILINE)  # the answer is trimmed in Python
 _ANSWER_IS = re.compile(r"answer(?:\s+is|\s*:)\s*([^\n]+)", re.I)
-_LATEX_MATH = re.compile(r"\$\$(.+?)\$\$|\$([^$]+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)", re.S)
+_MATH_OPENER = re.compile(r"\$|\\[\[(]")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
 
@@ -67,16 +77,58 @@ def _normalize_text(text: str) -> str:
 
 def _gsm8k_answer(text: str) -> str | None:
     """The GSM8K convention: a last line "#### 42" states the answer."""
-    found = _GSM8K_ANSWER.findall(text)
-    return found[-1].replace(",", "").strip() if found else None
+    for line in reversed(_GSM8K_ANSWER.findall(text)):
+        answer = line.strip(" \t")
+        if answer and not answer[0].isspace():
+            return answer.replace(",", "").strip()
+    return None
+
+
+def _occurrences(text: str, needle: str) -> list[int]:
+    """The start of every occurrence of `needle`, overlapping ones included ("$$$" holds "$$" at 0 and at 1)."""
+    return [m.start() for m in re.finditer(f"(?={re.escape(needle)})", text)]
+
+
+def _last_math_span(text: str) -> str | None:
+    r"""The content of the last $$…$$, $…$, \[…\] or \(…\) span, as `findall` of the lazy regex
+    `\$\$(.+?)\$\$|\$([^$]+?)\$|\\\[(.+?)\\\]|\\\((.+?)\\\)` (re.S) finds them: leftmost first, none overlapping.
+
+    That regex rescans to the end of the text from every unclosed opener ("\[" * n costs n² steps); here each
+    opener looks its closer up in a sorted list of positions instead.
+    """
+    closers = {needle: _occurrences(text, needle) for needle in ("$$", "$", "\\]", "\\)")}
+
+    def first(needle: str, at_least: int) -> int | None:
+        positions = closers[needle]
+        index = bisect.bisect_left(positions, at_least)
+        return positions[index] if index < len(positions) else None
+
+    last, position = None, 0
+    while (opener := _MATH_OPENER.search(text, position)) is not None:
+        start = opener.start()
+        position = start + 1  # nothing opens here: the next try starts one character on
+        if text.startswith("$$", start):
+            end = first("$$", start + 3)  # .+? takes at least one character
+            begin = start + 2
+        elif text[start] == "$":
+            end = first("$", start + 1)  # [^$]+? runs to the next "$" (not the very next character: that is $$)
+            begin = start + 1
+        else:
+            end = first("\\]" if text[start + 1] == "[" else "\\)", start + 3)
+            begin = start + 2
+        if end is not None:
+            last = text[begin:end]
+            position = end + (begin - start)  # closers are as long as their openers
+    return last
 
 
 def extract_answer(completion: str) -> str | None:
-    r"""The answer a completion states, for logs and quick looks: text only, so safe outside the workers.
+    r"""The answer a completion states, for logs and quick looks: text only (no sympy), in linear time.
 
     Prefers the last \boxed{} (or \fbox{}), then a GSM8K "#### N" line, then, like math-verify's fallbacks,
     "answer is X" / "answer: X", the last LaTeX math span, and the last number. Grading uses math-verify on the
-    same priorities inside the workers, and `GradeResult.extracted` is what it actually matched.
+    same priorities inside the workers, and `GradeResult.extracted` is what it actually matched (or, when grading
+    fails, what this found, computed in the worker under the item's timer).
     """
     boxed = last_boxed(completion)
     if boxed is not None:
@@ -92,9 +144,9 @@ def extract_answer(completion: str) -> str | None:
                 answer = answer[len(left) : -len(right)].strip()
         if answer:
             return answer
-    spans = _LATEX_MATH.findall(completion)
-    if spans:
-        return next(part for part in spans[-1] if part).strip()
+    span = _last_math_span(completion)
+    if span is not None:
+        return span.strip()
     numbers = _NUMBER.findall(completion)
     return numbers[-1].replace(",", "") if numbers else None
 
@@ -211,10 +263,12 @@ def _serve() -> None:
     for line in sys.stdin.buffer:
         for index, completion, gold in json.loads(line):
             expired = False
+            shown = None  # the text-only answer, kept for the samples file if grading fails
             try:
                 signal.setitimer(signal.ITIMER_REAL, timeout_s)
                 if hook is not None:
                     hook(completion, gold)
+                shown = extract_answer(completion)
                 result = _grade_item(completion, gold)
                 signal.setitimer(signal.ITIMER_REAL, 0)
             except _ItemTimeout:
@@ -225,6 +279,8 @@ def _serve() -> None:
                 signal.setitimer(signal.ITIMER_REAL, 0)
             if expired:  # the timer fired but something inside swallowed the exception
                 result = GradeResult(False, result.extracted, "timeout")
+            if result.status != "ok" and result.extracted is None:
+                result = dataclasses.replace(result, extracted=shown)
             protocol.write(json.dumps([index, result.correct, result.extracted, result.status]) + "\n")
             protocol.flush()
 
@@ -354,7 +410,9 @@ class MathGrader:
             raise
 
     def _grade(self, pairs: Sequence[tuple[str, str]]) -> list[GradeResult]:
-        items = [(i, str(c), str(g)) for i, (c, g) in enumerate(pairs)]
+        # Slicing is the only thing this process does to model text: parsing happens in the workers, on the tail.
+        truncated = [len(str(c)) > MAX_COMPLETION_CHARS for c, _ in pairs]
+        items = [(i, str(c)[-MAX_COMPLETION_CHARS:], str(g)) for i, (c, g) in enumerate(pairs)]
         chunk = max(1, min(self.chunk, -(-len(items) // self.size)))  # small batches still use every worker
         queue: deque[list[Item]] = deque(items[i : i + chunk] for i in range(0, len(items), chunk))
         results: list[GradeResult | None] = [None] * len(items)
@@ -402,11 +460,7 @@ class MathGrader:
                 self.restarts += 1
                 self.pool[slot] = self._fresh()
         graded = [r if r is not None else GradeResult(False, None, "error") for r in results]
-        # An item that timed out or failed still shows what it answered (text only, no parsing) in the samples.
-        return [
-            GradeResult(False, extract_answer(items[i][1]), r.status) if r.status != "ok" and r.extracted is None else r
-            for i, r in enumerate(graded)
-        ]
+        return [dataclasses.replace(r, truncated=True) if cut else r for r, cut in zip(graded, truncated, strict=True)]
 
 
 def grade_math_batch(

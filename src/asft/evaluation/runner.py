@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from asft.data import render_prompt
 from asft.evaluation.backends import Backend, SamplingParams, make_backend
-from asft.evaluation.benchmarks import Example, load_normalized
+from asft.evaluation.benchmarks import BenchmarkFormatError, Example, load_normalized
 from asft.evaluation.grading import MathGrader
 from asft.evaluation.metrics import summarize
 
@@ -29,6 +29,12 @@ SAMPLES = "samples.jsonl"
 METRICS = "metrics.json"
 PARTIAL = "samples.partial.jsonl"
 PARTIAL_KEY = "samples.partial.key.json"  # what the work file was generated with
+# transformers' `model_max_length` when a tokenizer does not know its model's (int(1e30)): no limit at all.
+_UNKNOWN_LENGTH = 10**12
+
+
+class PromptTooLongError(BenchmarkFormatError):
+    """A problem whose prompt, with the tokens to generate, does not fit the model's context."""
 
 
 def choice_prompt(example: Example) -> str:
@@ -40,6 +46,42 @@ def choice_prompt(example: Example) -> str:
 def build_prompt(example: Example, template: str, tokenizer: Any) -> str:
     text = choice_prompt(example) if example.kind == "choice" else example.question
     return render_prompt(text, template, tokenizer)
+
+
+def context_length(backend: Backend) -> int | None:
+    """The most tokens (prompt plus generation) the model takes: the smallest limit the backend exposes, from
+    vLLM's `max_model_len`, the model config's `max_position_embeddings` or the tokenizer's `model_max_length`."""
+    model = getattr(backend, "model", None)
+    engine = getattr(getattr(backend, "llm", None), "llm_engine", None)
+    found = [
+        getattr(backend, "max_context", None),
+        getattr(getattr(engine, "model_config", None), "max_model_len", None),
+        getattr(getattr(model, "config", None), "max_position_embeddings", None),
+        getattr(backend.tokenizer, "model_max_length", None),
+    ]
+    limits = [n for n in found if isinstance(n, int) and not isinstance(n, bool) and 0 < n < _UNKNOWN_LENGTH]
+    return min(limits) if limits else None
+
+
+def check_context(
+    examples: Sequence[Example], prompts: Sequence[str], backend: Backend, new_tokens: int, benchmark: Path
+) -> None:
+    """Every prompt plus `new_tokens` must fit the model's context. All prompts are checked before anything is
+    generated, so an oversized problem fails at once, by name, rather than as an outsized tensor (or a cut-off
+    answer) part-way through a run."""
+    limit = context_length(backend)
+    if limit is None:
+        return
+    # Tokenised as the backends do it (no special tokens added to the rendered prompt).
+    lengths = [len(ids) for ids in backend.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    too_long = [(ex, n) for ex, n in zip(examples, lengths, strict=True) if n + new_tokens > limit]
+    if too_long:
+        example, n = too_long[0]
+        more = f" (and {len(too_long) - 1} more problems)" if len(too_long) > 1 else ""
+        raise PromptTooLongError(
+            f"{benchmark}: problem {example.id!r}: its prompt is {n} tokens, plus max_new_tokens {new_tokens} is "
+            f"{n + new_tokens}, over the model's context of {limit} tokens{more}"
+        )
 
 
 def read_done(path: Path) -> list[dict]:
@@ -116,6 +158,7 @@ def _generate_and_grade(
                 "gold": ex.gold,
                 "correct": bool(grade.correct),
                 "status": grade.status,
+                "truncated": grade.truncated,  # graded on its last MAX_COMPLETION_CHARS characters only
             }
             for (ex, sample_index, completion), grade in zip(meta, grades, strict=True)
         ],
@@ -191,6 +234,10 @@ def evaluate(
     }
     backend = make_backend(spec["backend"], model_dir, **options)
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
+    kind = examples[0].kind if examples else "math"
+    # A multiple-choice problem is scored from the next token's log-probabilities: one position past the prompt.
+    new_tokens = SamplingParams.from_spec(spec["sampling"]).max_new_tokens if kind == "math" else 1
+    check_context(examples, prompts, backend, new_tokens, benchmark_path)
 
     partial = out_dir / PARTIAL
     adapter = None if adapter_dir is None else str(adapter_dir)
@@ -200,7 +247,6 @@ def evaluate(
     done = {(r["id"], r["sample"]) for r in read_done(partial)}
     if done:
         log.info("resuming: %d samples already generated", len(done))
-    kind = examples[0].kind if examples else "math"
     if kind == "choice":
         _run_choice(examples, prompts, backend, partial, done)
     else:
@@ -219,6 +265,7 @@ def evaluate(
             "kind": kind,
             "timeouts": sum(r["status"] == "timeout" for r in records),
             "grading_errors": sum(r["status"] == "error" for r in records),
+            "grading_truncated": sum(bool(r.get("truncated")) for r in records),
             "template": spec["template"],
             "sampling": spec["sampling"] if kind == "math" else {"n": 1, "method": "letter-logprob"},
             "backend": backend.name,
