@@ -7,6 +7,7 @@ of its config then show exactly which jobs Snakemake would plan.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import shutil
@@ -177,6 +178,30 @@ def test_a_killed_forced_evaluation_is_replanned(
     assert planned_jobs(result) == {"evaluate_run": 1, "aggregate": 1, "all": 1}
     eval_dir = f"results/demo/runs/tiny/arith/{killed[0]}/seed0/eval/arith"
     assert planned_outputs(result, "evaluate_run") == [f"{eval_dir}/metrics.json, {eval_dir}/samples.jsonl"]
+
+
+def test_a_forced_retrain_with_a_new_learning_rate_starts_fresh(
+    finished_workflow: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """`snakemake -R train` after a finished run (here with a new learning rate under the same run ids) trains
+    every step anew with the new settings: no finished run's checkpoint is a resume point."""
+    source, config = finished_workflow
+    workdir = tmp_path / "workflow"
+    shutil.copytree(source, workdir, symlinks=True)
+    edited = copy.deepcopy(config)
+    edited["experiments"]["demo"]["training"]["learning_rate"] = 2e-3
+    write_config(workdir, edited)
+    result = snakemake(workdir, "--forcerun", "train")
+    assert result.returncode == 0, result.stderr[-4000:]
+    max_steps = edited["experiments"]["demo"]["training"]["max_steps"]
+    for run in ("sft", "asft-kl0.05"):
+        train_dir = workdir / f"results/demo/runs/tiny/arith/{run}/seed0/train"
+        summary = json.loads((train_dir / "train_summary.json").read_text())
+        assert summary["resumed_from"] is None and summary["global_step"] == max_steps
+        log = [json.loads(line) for line in (train_dir / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == list(range(1, max_steps + 1))
+        assert {r["learning_rate"] for r in log} == {2e-3}
+    assert planned_jobs(snakemake(workdir, "-n")) == {}
 
 
 def _set_kl_weight(config: dict) -> None:
