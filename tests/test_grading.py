@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from asft.evaluation import grading
+from asft.evaluation import benchmarks, extraction, grading, grading_worker
 from asft.evaluation.grading import (
     GradeResult,
     MathGrader,
     extract_answer,
     grade_choice,
-    grade_math,
     grade_math_batch,
 )
 
@@ -74,9 +73,10 @@ def test_accepts_equivalent_forms_and_rejects_wrong_ones() -> None:
 def test_batch_equals_single_grading() -> None:
     pairs = ACCEPT[::3] + REJECT[::3]
     batch = grade_math_batch(pairs, workers=2, chunk=2)
-    assert [r.correct for r in batch] == [grade_math(c, g) for c, g in pairs]
+    with MathGrader(workers=1) as grader:
+        assert batch == [grader.grade([pair])[0] for pair in pairs]
     # The in-process core, run here on trusted test text, is what every worker runs.
-    assert batch == [grading._grade_item(c, g) for c, g in pairs]
+    assert batch == [grading_worker.grade_item(c, g) for c, g in pairs]
 
 
 def test_an_unparseable_gold_is_an_error_not_a_crash() -> None:
@@ -143,10 +143,11 @@ def test_parent_never_imports_the_parser_and_callers_are_not_re_executed(tmp_pat
     marker = tmp_path / "runs.txt"
     script.write_text(
         "import sys\n"
-        "from asft.evaluation.grading import grade_math, grade_math_batch\n"
+        "from asft.evaluation.grading import grade_math_batch\n"
         f"open({str(marker)!r}, 'a').write('run\\n')\n"
         "pairs = [('\\\\boxed{2}', '2'), ('\\\\boxed{3}', '4')]\n"
-        "print([r.correct for r in grade_math_batch(pairs, workers=2, chunk=1)], grade_math('\\\\boxed{2}', '2'))\n"
+        "print([r.correct for r in grade_math_batch(pairs, workers=2, chunk=1)],"
+        " grade_math_batch(pairs[:1], workers=1)[0].correct)\n"
         "print('sympy' in sys.modules, 'math_verify' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
@@ -226,8 +227,14 @@ def test_the_parent_never_parses_model_text(tmp_path: Path, monkeypatch: pytest.
     def forbidden(*args: object) -> None:
         raise AssertionError("model text parsed in the parent process")
 
-    for name in ("extract_answer", "last_boxed", "_gsm8k_answer", "_completion_candidates"):
-        monkeypatch.setattr(grading, name, forbidden)  # this process only: the workers are fresh interpreters
+    parsers = {
+        extraction: ("extract_answer", "last_boxed", "gsm8k_answer", "last_math_span", "completion_candidates"),
+        benchmarks: ("last_boxed",),
+        grading: ("extract_answer",),
+    }
+    for module, names in parsers.items():
+        for name in names:  # this process only: the workers are fresh interpreters
+            monkeypatch.setattr(module, name, forbidden)
     results = grade_math_batch([("<sleep>", "1"), ("\\boxed{2}", ""), ("\\boxed{3}", "3")], workers=1, timeout_s=1)
     assert results == [
         GradeResult(False, None, "timeout"),
@@ -253,6 +260,6 @@ def test_linear_parsers_find_what_the_quadratic_regexes_found() -> None:
     for _ in range(20_000):
         text = ("####" if rng.random() < 0.3 else "") + "".join(rng.choices(alphabet, k=rng.randint(0, 16)))
         spans = OLD_LATEX_MATH.findall(text)
-        assert grading._last_math_span(text) == (next(p for p in spans[-1] if p) if spans else None), text
+        assert extraction.last_math_span(text) == (next(p for p in spans[-1] if p) if spans else None), text
         answers = OLD_GSM8K_ANSWER.findall(text)
-        assert grading._gsm8k_answer(text) == (answers[-1].replace(",", "").strip() if answers else None), text
+        assert extraction.gsm8k_answer(text) == (answers[-1].replace(",", "").strip() if answers else None), text

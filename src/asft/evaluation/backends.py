@@ -1,64 +1,22 @@
 """Generation backends behind one interface: prompts + sampling params -> completions; prompts -> letter log-probs.
 
-The runner only talks to `Backend`, so vLLM (GPU clusters) and transformers (any machine, tests) are
-interchangeable and share prompts, sampling parameters and parsing.
+The runner only talks to `Backend` (backend_interface.py), so vLLM (GPU clusters) and transformers (any machine,
+tests) are interchangeable and share prompts, sampling parameters and parsing. This module holds the transformers
+backend and the factory; the interface names are re-exported so callers need one import.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
+from asft.dtypes import loading_dtype
+from asft.evaluation.backend_interface import Backend, SamplingParams, letter_token_ids
 
-@dataclass(frozen=True)
-class SamplingParams:
-    n: int = 1
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 1024
-    seed: int = 0
-
-    @classmethod
-    def from_spec(cls, spec: dict[str, Any]) -> SamplingParams:
-        return cls(**{k: spec[k] for k in ("n", "temperature", "top_p", "max_new_tokens", "seed")})
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class Backend(Protocol):
-    name: str
-    tokenizer: Any
-
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
-        """`params.n` completions per prompt, in prompt order."""
-        ...
-
-    def choice_logprobs(self, prompts: Sequence[str], letters: Sequence[str]) -> list[dict[str, float]]:
-        """Next-token log-probability of each option letter after each prompt."""
-        ...
-
-
-def letter_token_ids(tokenizer: Any, letters: Sequence[str]) -> dict[str, int]:
-    """The single token that spells each letter after "Answer:" (" A" where one token, else "A")."""
-    ids = {}
-    for letter in letters:
-        for text in (" " + letter, letter):
-            encoded = tokenizer.encode(text, add_special_tokens=False)
-            if len(encoded) == 1:
-                ids[letter] = encoded[0]
-                break
-        else:
-            raise ValueError(f"option letter {letter!r} is not a single token for this tokenizer")
-    return ids
+__all__ = ["Backend", "SamplingParams", "TransformersBackend", "letter_token_ids", "make_backend"]
 
 
 class TransformersBackend:
@@ -83,9 +41,8 @@ class TransformersBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            model_dir, dtype=loading_dtype(dtype), trust_remote_code=trust_remote_code
         ).to(device)
         if adapter_dir is not None:  # the adapter applied at inference, not merged (evaluation.lora_direct)
             from peft import PeftModel

@@ -20,13 +20,13 @@ from tqdm import tqdm
 from asft.data import render_prompt
 from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import BenchmarkFormatError, Example, load_normalized
-from asft.evaluation.grading import MathGrader
+from asft.evaluation.grading import MathGrader, grade_choice
 from asft.evaluation.metrics import summarize
+from asft.layout import METRICS, SAMPLES
+from asft.run_io import atomic_file, write_text_atomic
 
 log = logging.getLogger(__name__)
 
-SAMPLES = "samples.jsonl"
-METRICS = "metrics.json"
 PARTIAL = "samples.partial.jsonl"
 PARTIAL_KEY = "samples.partial.key.json"  # what the work file was generated with
 # transformers' `model_max_length` when a tokenizer does not know its model's (int(1e30)): no limit at all.
@@ -185,7 +185,7 @@ def _run_choice(
                     "completion": predicted,
                     "extracted": predicted,
                     "gold": examples[i].gold,
-                    "correct": predicted == examples[i].gold,
+                    "correct": grade_choice(predicted, examples[i].gold),
                     "status": "ok",
                     "logprobs": score,
                 }
@@ -201,12 +201,6 @@ def _discard_if_stale(partial: Path, key: dict) -> None:
         log.info("discarding %s: generated with other settings", partial)
         partial.unlink()
     key_path.write_text(wanted)
-
-
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True))
-    os.replace(tmp, path)
 
 
 def evaluate(
@@ -234,7 +228,7 @@ def evaluate(
     }
     backend = make_backend(spec["backend"], model_dir, **options)
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
-    kind = examples[0].kind if examples else "math"
+    kind = examples[0].kind  # load_normalized refuses a file without problems
     # A multiple-choice problem is scored from the next token's log-probabilities: one position past the prompt.
     new_tokens = SamplingParams.from_spec(spec["sampling"]).max_new_tokens if kind == "math" else 1
     check_context(examples, prompts, backend, new_tokens, benchmark_path)
@@ -275,11 +269,9 @@ def evaluate(
             "seconds": time.perf_counter() - started,
         }
     )
-    tmp_samples = out_dir / (SAMPLES + ".tmp")
-    with tmp_samples.open("w", encoding="utf-8") as handle:
+    with atomic_file(out_dir / SAMPLES) as tmp, tmp.open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    os.replace(tmp_samples, out_dir / SAMPLES)
-    _write_json_atomic(out_dir / METRICS, metrics)
+    write_text_atomic(out_dir / METRICS, json.dumps(metrics, indent=2, sort_keys=True))
     partial.unlink()
     partial.with_name(PARTIAL_KEY).unlink(missing_ok=True)
     return metrics

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from asft.evaluation.backends import SamplingParams, letter_token_ids
+from asft.evaluation.backend_interface import SamplingParams, letter_token_ids
 
 
 def _visible_gpus() -> int:
@@ -16,12 +16,9 @@ def _visible_gpus() -> int:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible:
         return len([d for d in visible.split(",") if d.strip()])
-    try:
-        import torch
+    import torch
 
-        return max(1, torch.cuda.device_count())
-    except ImportError:  # pragma: no cover - torch is always there in practice
-        return 1
+    return max(1, torch.cuda.device_count())
 
 
 # The ranks vLLM's LoRA kernels are built for (`max_lora_rank` must be one of them).
