@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -11,13 +12,18 @@ from pathlib import Path
 
 import pytest
 
+from asft import layout
 from asft.config import (
     ConfigError,
     eval_spec,
+    find_run,
     iter_runs,
     load_config,
+    merge_spec,
     mode_label,
     resolve_sampling,
+    run_by_id,
+    runs_by_id,
     train_spec,
     validate_config,
 )
@@ -129,6 +135,53 @@ def test_run_ids_are_readable_and_stable(config: dict) -> None:
     ]
     assert runs[3].run_dir == "results/demo/runs/tiny/arith/asft-kl0.05/seed0"
     assert mode_label("asft", 0.1) == "asft-kl0.1"
+
+
+def test_layout_templates_are_the_concrete_paths_with_wildcards(config: dict) -> None:
+    """The rules' patterns and the paths `rule all` requests come from one definition; existing results stay valid
+    only while these strings do."""
+    assert layout.RUN_WILDCARDS == "results/{experiment}/runs/{model}/{dataset}/{mode_label}/seed{seed}"
+    run = list(iter_runs(validate_config(config)))[3]
+    wildcards = {
+        "experiment": run.experiment,
+        "model": run.model,
+        "dataset": run.dataset,
+        "mode_label": run.mode_label,
+        "seed": run.seed,
+        "benchmark": "arith",
+    }
+    exp, rid = run.experiment, run.run_id
+    assert layout.RUN_WILDCARDS.format(**wildcards) == layout.run_dir(exp, rid) == run.run_dir
+    assert layout.TRAIN_WILDCARDS.format(**wildcards) == layout.train_dir(exp, rid) == f"{run.run_dir}/train"
+    assert layout.MERGED_WILDCARDS.format(**wildcards) == layout.merged_dir(exp, rid) == f"{run.run_dir}/merged"
+    assert layout.EVAL_WILDCARDS.format(**wildcards) == layout.eval_dir(exp, rid, "arith")
+    assert layout.eval_dir(exp, rid, "arith") == f"{run.run_dir}/eval/arith"
+    assert layout.checkpoints_dir(exp, rid) == f"{run.run_dir}/checkpoints"
+    assert layout.BASE_EVAL_WILDCARDS.format(**wildcards) == "results/demo/base/tiny/eval/arith"
+    assert layout.TABLES_WILDCARDS.format(**wildcards) == layout.tables_dir(exp) == "results/demo/tables"
+    assert layout.PLOTS_WILDCARDS.format(**wildcards) == layout.plots_dir(exp) == "results/demo/plots"
+    assert layout.TRAIN_LOG_WILDCARDS.format(**wildcards) == "logs/demo/train/tiny/arith/asft-kl0.05/seed0.log"
+    assert layout.EVAL_LOG_WILDCARDS.format(**wildcards) == "logs/demo/evaluate/tiny/arith/asft-kl0.05/seed0/arith.log"
+
+
+def test_runs_are_found_by_id(config: dict) -> None:
+    config["experiments"]["other"] = copy.deepcopy(config["experiments"]["demo"])
+    filled = validate_config(config)
+    runs = runs_by_id(filled)
+    assert list(runs.values()) == list(iter_runs(filled))
+    for run in iter_runs(filled):
+        assert run_by_id(runs, run.experiment, run.run_id) is runs[(run.experiment, run.run_id)]
+        assert find_run(filled, run.experiment, run.run_id) == run
+    with pytest.raises(ConfigError, match="experiments.demo: no run with id 'tiny/arith/asft/seed0'"):
+        run_by_id(runs, "demo", "tiny/arith/asft/seed0")  # an anchored mode's id carries its KL weight
+
+
+def test_merge_uses_the_evaluation_dtype_and_the_training_remote_code_setting(config: dict) -> None:
+    """A model that needed remote code to train needs it to merge; the merged weights exist to be evaluated."""
+    assert merge_spec(validate_config(config), "demo") == {"dtype": "auto", "trust_remote_code": False}
+    config["experiments"]["demo"]["training"].update(trust_remote_code=True, dtype="float32")
+    config["experiments"]["demo"]["evaluation"]["dtype"] = "bfloat16"
+    assert merge_spec(validate_config(config), "demo") == {"dtype": "bfloat16", "trust_remote_code": True}
 
 
 def test_kl_sweep_applies_only_to_anchored_modes(config: dict) -> None:

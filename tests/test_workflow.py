@@ -270,6 +270,38 @@ def test_lora_direct_skips_the_merge(finished_workflow: tuple[Path, dict]) -> No
         write_config(workdir, config)
 
 
+def test_merge_passes_the_dtype_and_remote_code_setting(finished_workflow: tuple[Path, dict]) -> None:
+    """A model that needs remote code trains with training.trust_remote_code, so its merge must load it the same
+    way; the merge is done in the evaluation's dtype, the only use of the merged weights."""
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["experiments"]["demo"]["training"]["trust_remote_code"] = True
+    edited["experiments"]["demo"]["evaluation"]["dtype"] = "bfloat16"
+    write_config(workdir, edited)
+    try:
+        result = snakemake(workdir, "-n", "-p")
+        assert planned_jobs(result)["merge"] == 2
+        text = result.stdout + result.stderr
+        commands = re.findall(r"^\s*Shell command: (asft merge .*)$", text, re.M)
+        assert len(commands) == 2, text
+        assert all(" --dtype bfloat16 --trust-remote-code " in c for c in commands), commands
+    finally:
+        write_config(workdir, config)
+
+
+def test_a_new_evaluation_dtype_remerges_without_retraining(finished_workflow: tuple[Path, dict]) -> None:
+    """The merge dtype is a param of the merge job: changing it replans the merges, not the training."""
+    workdir, config = finished_workflow
+    edited = copy.deepcopy(config)
+    edited["experiments"]["demo"]["evaluation"]["dtype"] = "float32"
+    write_config(workdir, edited)
+    try:
+        jobs = planned_jobs(snakemake(workdir, "-n"))
+        assert jobs == {"merge": 2, "evaluate_run": 2, "evaluate_base": 1, "aggregate": 1, "all": 1}
+    finally:
+        write_config(workdir, config)
+
+
 def test_invalid_config_fails_before_planning(finished_workflow: tuple[Path, dict]) -> None:
     workdir, config = finished_workflow
     edited = copy.deepcopy(config)

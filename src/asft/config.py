@@ -20,6 +20,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from asft import layout
+
 SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
@@ -465,11 +467,11 @@ class Run:
 
     @property
     def run_id(self) -> str:
-        return f"{self.model}/{self.dataset}/{self.mode_label}/seed{self.seed}"
+        return layout.run_id(self.model, self.dataset, self.mode_label, self.seed)
 
     @property
     def run_dir(self) -> str:
-        return f"results/{self.experiment}/runs/{self.run_id}"
+        return layout.run_dir(self.experiment, self.run_id)
 
 
 def mode_label(mode: str, kl_weight: float) -> str:
@@ -504,12 +506,47 @@ def _runs_with_origins(config: Mapping[str, Any], exp_name: str) -> Iterator[tup
                         yield Run(exp_name, model, dataset, mode, kl, int(seed)), origin
 
 
+RunsById = dict[tuple[str, str], Run]
+
+
+def runs_by_id(config: Mapping[str, Any], experiment: str | None = None) -> RunsById:
+    """Every run keyed by (experiment, run id), built once so that a job finds its run without expanding the matrix.
+
+    Ids are unique within an experiment (validate_config refuses a clash), so no run is lost.
+    """
+    return {(run.experiment, run.run_id): run for run in iter_runs(config, experiment)}
+
+
+def run_by_id(runs: RunsById, experiment: str, run_id: str) -> Run:
+    """The run whose id is `run_id` (as it appears in paths/wildcards), or a ConfigError naming the experiment."""
+    try:
+        return runs[(experiment, run_id)]
+    except KeyError:
+        raise ConfigError(f"experiments.{experiment}: no run with id {run_id!r}") from None
+
+
 def find_run(config: Mapping[str, Any], experiment: str, run_id: str) -> Run:
-    """The run whose id is `run_id` (as it appears in paths/wildcards)."""
-    for run in iter_runs(config, experiment):
-        if run.run_id == run_id:
-            return run
-    raise ConfigError(f"experiments.{experiment}: no run with id {run_id!r}")
+    """`run_by_id` for a single lookup; callers with many lookups build `runs_by_id` once instead."""
+    return run_by_id(runs_by_id(config, experiment), experiment, run_id)
+
+
+def run_identity(run: Run) -> dict[str, Any]:
+    """What an evaluation records about the run it scored, so that tables can group and label it."""
+    return {
+        "experiment": run.experiment,
+        "run_id": run.run_id,
+        "model": run.model,
+        "dataset": run.dataset,
+        "mode": run.mode,
+        "mode_label": run.mode_label,
+        "kl_weight": run.kl_weight,
+        "seed": run.seed,
+    }
+
+
+def base_identity(experiment: str, model: str) -> dict[str, Any]:
+    """`run_identity` for the untuned model, labelled `base` in the tables."""
+    return {"experiment": experiment, "model": model, "mode_label": "base"}
 
 
 def loss_config(config: Mapping[str, Any], run: Run) -> dict:
@@ -564,6 +601,14 @@ def eval_spec(config: Mapping[str, Any], experiment: str, benchmark: str) -> dic
         "dtype": exp_eval["dtype"],
         "trust_remote_code": config["experiments"][experiment]["training"]["trust_remote_code"],
     }
+
+
+def merge_spec(config: Mapping[str, Any], experiment: str) -> dict:
+    """How a LoRA run is merged: in the evaluation's dtype, since the merged weights exist only to be evaluated
+    (`auto` keeps the base checkpoint's dtype, as evaluating with the adapter applied directly does), and with
+    remote code allowed exactly when training allowed it, so a model that trained can also be merged."""
+    exp = config["experiments"][experiment]
+    return {"dtype": exp["evaluation"]["dtype"], "trust_remote_code": exp["training"]["trust_remote_code"]}
 
 
 def source_list(entry: Mapping[str, Any]) -> list[dict[str, Any]]:

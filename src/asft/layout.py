@@ -2,6 +2,10 @@
 
 The rules (workflow/rules/common.smk) and the package build their paths from here, so a path is never spelled
 twice. Import-light on purpose: the Snakefile and the aggregation read it without loading torch.
+
+Each folder is a function of its parts. Called with Snakemake wildcard placeholders (`"{experiment}"`) it gives
+the rule's pattern, so the `*_WILDCARDS` templates below and the concrete paths of `rule all` cannot drift apart.
+Existing results stay valid only while these strings do: a run id is its results path.
 """
 
 from __future__ import annotations
@@ -14,3 +18,131 @@ TRAIN_SUMMARY = "train_summary.json"
 # Files of one evaluation (`<run>/eval/<benchmark>/`).
 METRICS = "metrics.json"
 SAMPLES = "samples.jsonl"
+
+# Files of an experiment's aggregation (`tables_dir`, `plots_dir`).
+RESULTS_CSV = "results.csv"
+RESULTS_MD = "results.md"
+TRAINING_CURVES = "training_curves.png"
+
+# Files of the demo build (`DEMO_DIR`): the manifest is written last, so it marks a finished build.
+DEMO_MANIFEST = "manifest.json"
+
+RESOURCES = "resources"
+RESULTS = "results"
+LOGS = "logs"
+DEMO_DIR = f"{RESOURCES}/demo"
+DEMO_MANIFEST_PATH = f"{DEMO_DIR}/{DEMO_MANIFEST}"
+
+
+def run_id(model: str, dataset: str, mode_label: str, seed: int | str) -> str:
+    """A run's id, which is also its path below `results/<experiment>/runs/`: readable and stable."""
+    return f"{model}/{dataset}/{mode_label}/seed{seed}"
+
+
+# --- fetched inputs (resources/) -------------------------------------------------------------------------------
+
+
+def model_dir(model: str) -> str:
+    return f"{RESOURCES}/models/{model}"
+
+
+def dataset_file(dataset: str) -> str:
+    return f"{RESOURCES}/datasets/{dataset}.jsonl"
+
+
+def benchmark_file(benchmark: str) -> str:
+    return f"{RESOURCES}/benchmarks/{benchmark}.jsonl"
+
+
+# --- results/ ---------------------------------------------------------------------------------------------------
+
+
+def run_dir(experiment: str, run_id: str) -> str:
+    return f"{RESULTS}/{experiment}/runs/{run_id}"
+
+
+def train_dir(experiment: str, run_id: str) -> str:
+    """The training output: the adapter (LoRA) or the full weights, with the files named above."""
+    return f"{run_dir(experiment, run_id)}/train"
+
+
+def checkpoints_dir(experiment: str, run_id: str) -> str:
+    """Resumable checkpoints, beside the declared output so that Snakemake does not delete them on a failure."""
+    return f"{run_dir(experiment, run_id)}/checkpoints"
+
+
+def merged_dir(experiment: str, run_id: str) -> str:
+    """LoRA runs: the adapter folded into the base weights."""
+    return f"{run_dir(experiment, run_id)}/merged"
+
+
+def eval_dir(experiment: str, run_id: str, benchmark: str) -> str:
+    return f"{run_dir(experiment, run_id)}/eval/{benchmark}"
+
+
+def base_eval_dir(experiment: str, model: str, benchmark: str) -> str:
+    """The untuned model on a benchmark: the row every run is compared against."""
+    return f"{RESULTS}/{experiment}/base/{model}/eval/{benchmark}"
+
+
+def tables_dir(experiment: str) -> str:
+    return f"{RESULTS}/{experiment}/tables"
+
+
+def plots_dir(experiment: str) -> str:
+    return f"{RESULTS}/{experiment}/plots"
+
+
+# --- logs/ (one per job, named like the job's output) -----------------------------------------------------------
+
+DEMO_JOB_LOG = f"{LOGS}/build_demo.log"
+
+
+def fetch_job_log(kind: str, name: str) -> str:
+    """`kind` is the rule's noun: model, dataset or benchmark."""
+    return f"{LOGS}/fetch_{kind}/{name}.log"
+
+
+def train_job_log(experiment: str, run_id: str) -> str:
+    return f"{LOGS}/{experiment}/train/{run_id}.log"
+
+
+def merge_job_log(experiment: str, run_id: str) -> str:
+    return f"{LOGS}/{experiment}/merge/{run_id}.log"
+
+
+def eval_job_log(experiment: str, run_id: str, benchmark: str) -> str:
+    return f"{LOGS}/{experiment}/evaluate/{run_id}/{benchmark}.log"
+
+
+def base_eval_job_log(experiment: str, model: str, benchmark: str) -> str:
+    return f"{LOGS}/{experiment}/evaluate/{model}/base/{benchmark}.log"
+
+
+def aggregate_job_log(experiment: str) -> str:
+    return f"{LOGS}/{experiment}/aggregate.log"
+
+
+# --- the rules' patterns: the functions above filled with wildcard placeholders ----------------------------------
+
+RUN_ID_WILDCARDS = run_id("{model}", "{dataset}", "{mode_label}", "{seed}")
+RUN_WILDCARDS = run_dir("{experiment}", RUN_ID_WILDCARDS)
+TRAIN_WILDCARDS = train_dir("{experiment}", RUN_ID_WILDCARDS)
+MERGED_WILDCARDS = merged_dir("{experiment}", RUN_ID_WILDCARDS)
+EVAL_WILDCARDS = eval_dir("{experiment}", RUN_ID_WILDCARDS, "{benchmark}")
+BASE_EVAL_WILDCARDS = base_eval_dir("{experiment}", "{model}", "{benchmark}")
+TABLES_WILDCARDS = tables_dir("{experiment}")
+PLOTS_WILDCARDS = plots_dir("{experiment}")
+
+MODEL_WILDCARDS = model_dir("{model}")
+DATASET_WILDCARDS = dataset_file("{dataset}")
+BENCHMARK_WILDCARDS = benchmark_file("{benchmark}")
+
+FETCH_MODEL_LOG_WILDCARDS = fetch_job_log("model", "{model}")
+FETCH_DATASET_LOG_WILDCARDS = fetch_job_log("dataset", "{dataset}")
+FETCH_BENCHMARK_LOG_WILDCARDS = fetch_job_log("benchmark", "{benchmark}")
+TRAIN_LOG_WILDCARDS = train_job_log("{experiment}", RUN_ID_WILDCARDS)
+MERGE_LOG_WILDCARDS = merge_job_log("{experiment}", RUN_ID_WILDCARDS)
+EVAL_LOG_WILDCARDS = eval_job_log("{experiment}", RUN_ID_WILDCARDS, "{benchmark}")
+BASE_EVAL_LOG_WILDCARDS = base_eval_job_log("{experiment}", "{model}", "{benchmark}")
+AGGREGATE_LOG_WILDCARDS = aggregate_job_log("{experiment}")

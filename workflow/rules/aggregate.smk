@@ -3,28 +3,28 @@
 
 rule aggregate:
     input:
-        metrics=lambda w: experiment_metrics(w.experiment),
-        train_dirs=lambda w: experiment_train_dirs(w.experiment),
+        metrics=experiment_metrics,
+        train_dirs=experiment_train_dirs,
     output:
         csv=report(
-            "results/{experiment}/tables/results.csv",
+            f"{layout.TABLES_WILDCARDS}/{layout.RESULTS_CSV}",
             category="{experiment}",
             labels={"table": "results (csv)"},
         ),
-        md="results/{experiment}/tables/results.md",
+        md=f"{layout.TABLES_WILDCARDS}/{layout.RESULTS_MD}",
         plot=report(
-            "results/{experiment}/plots/training_curves.png",
+            f"{layout.PLOTS_WILDCARDS}/{layout.TRAINING_CURVES}",
             category="{experiment}",
             labels={"figure": "training curves"},
         ),
     log:
-        "logs/{experiment}/aggregate.log",
+        layout.AGGREGATE_LOG_WILDCARDS,
     conda:
         "../envs/asft.yaml"
     params:
-        benchmarks=lambda w: CONFIG["experiments"][w.experiment]["benchmarks"],
-        table_dir=lambda w, output: str(Path(output.csv).parent),
-        plot_dir=lambda w, output: str(Path(output.plot).parent),
+        benchmarks=experiment_benchmarks,
+        table_dir=table_dir,
+        plot_dir=plot_dir,
     shell:
         "asft aggregate --experiment {wildcards.experiment} --metrics {input.metrics}"
         " --train-dirs {input.train_dirs} --benchmarks {params.benchmarks}"

@@ -5,12 +5,12 @@ rule evaluate_run:
     input:
         model=evaluated_model,
         adapter=evaluated_adapter,
-        benchmark="resources/benchmarks/{benchmark}.jsonl",
+        benchmark=layout.BENCHMARK_WILDCARDS,
     output:
-        metrics="results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/eval/{benchmark}/metrics.json",
-        samples="results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/eval/{benchmark}/samples.jsonl",
+        metrics=f"{layout.EVAL_WILDCARDS}/{layout.METRICS}",
+        samples=f"{layout.EVAL_WILDCARDS}/{layout.SAMPLES}",
     log:
-        "logs/{experiment}/evaluate/{model}/{dataset}/{mode}/seed{seed}/{benchmark}.log",
+        layout.EVAL_LOG_WILDCARDS,
     conda:
         "../envs/eval.yaml"
     threads: 2
@@ -18,10 +18,10 @@ rule evaluate_run:
         mem_mb=32000,
         runtime=240,
     params:
-        spec=lambda w: canonical_json(eval_spec(CONFIG, w.experiment, w.benchmark)),
-        run=lambda w: canonical_json(run_identity(run_of(w))),
-        out_dir=lambda w, output: str(Path(output.metrics).parent),
-        adapter=lambda w, input: f"--adapter {input.adapter}" if input.adapter else "",
+        spec=eval_params,
+        run=run_identity_params,
+        out_dir=eval_out_dir,
+        adapter=adapter_option,
     shell:
         "asft evaluate --model {input.model} {params.adapter} --benchmark {input.benchmark} --spec {params.spec:q}"
         " --run {params.run:q} --out-dir {params.out_dir} > {log} 2>&1"
@@ -29,13 +29,13 @@ rule evaluate_run:
 
 rule evaluate_base:
     input:
-        model="resources/models/{model}",
-        benchmark="resources/benchmarks/{benchmark}.jsonl",
+        model=layout.MODEL_WILDCARDS,
+        benchmark=layout.BENCHMARK_WILDCARDS,
     output:
-        metrics="results/{experiment}/base/{model}/eval/{benchmark}/metrics.json",
-        samples="results/{experiment}/base/{model}/eval/{benchmark}/samples.jsonl",
+        metrics=f"{layout.BASE_EVAL_WILDCARDS}/{layout.METRICS}",
+        samples=f"{layout.BASE_EVAL_WILDCARDS}/{layout.SAMPLES}",
     log:
-        "logs/{experiment}/evaluate/{model}/base/{benchmark}.log",
+        layout.BASE_EVAL_LOG_WILDCARDS,
     conda:
         "../envs/eval.yaml"
     threads: 2
@@ -43,11 +43,9 @@ rule evaluate_base:
         mem_mb=32000,
         runtime=240,
     params:
-        spec=lambda w: canonical_json(eval_spec(CONFIG, w.experiment, w.benchmark)),
-        run=lambda w: canonical_json(
-            {"experiment": w.experiment, "model": w.model, "mode_label": "base"}
-        ),
-        out_dir=lambda w, output: str(Path(output.metrics).parent),
+        spec=eval_params,
+        run=base_identity_params,
+        out_dir=eval_out_dir,
     shell:
         "asft evaluate --model {input.model} --benchmark {input.benchmark} --spec {params.spec:q}"
         " --run {params.run:q} --out-dir {params.out_dir} > {log} 2>&1"

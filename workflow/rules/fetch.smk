@@ -3,62 +3,62 @@
 
 rule build_demo:
     output:
-        manifest=f"{DEMO_DIR}/manifest.json",
+        manifest=layout.DEMO_MANIFEST_PATH,
     log:
-        "logs/build_demo.log",
+        layout.DEMO_JOB_LOG,
     conda:
         "../envs/asft.yaml"
     threads: 2
     params:
-        options=canonical_json(CONFIG["demo"]),
-        out=lambda w, output: str(Path(output.manifest).parent),
+        options=demo_params,
+        out=demo_out_dir,
     shell:
         "asft build-demo --out {params.out} --options {params.options:q} > {log} 2>&1"
 
 
 rule fetch_model:
     input:
-        lambda w: demo_input(CONFIG["models"][w.model]),
+        model_demo_input,
     output:
-        directory("resources/models/{model}"),
+        directory(layout.MODEL_WILDCARDS),
     log:
-        "logs/fetch_model/{model}.log",
+        layout.FETCH_MODEL_LOG_WILDCARDS,
     conda:
         "../envs/asft.yaml"
     params:
-        source=lambda w: canonical_json(CONFIG["models"][w.model]["source"]),
-        demo=DEMO_DIR,
+        source=model_source_params,
+        demo=layout.DEMO_DIR,
     shell:
         "asft fetch-model --source {params.source:q} --demo-dir {params.demo} --out {output} > {log} 2>&1"
 
 
 rule fetch_dataset:
     input:
-        lambda w: demo_input(CONFIG["datasets"][w.dataset]),
+        dataset_demo_input,
     output:
-        "resources/datasets/{dataset}.jsonl",
+        layout.DATASET_WILDCARDS,
     log:
-        "logs/fetch_dataset/{dataset}.log",
+        layout.FETCH_DATASET_LOG_WILDCARDS,
     conda:
         "../envs/asft.yaml"
     params:
-        spec=lambda w: canonical_json(CONFIG["datasets"][w.dataset]),
-        demo=DEMO_DIR,
+        spec=dataset_params,
+        demo=layout.DEMO_DIR,
     shell:
         "asft fetch-dataset --spec {params.spec:q} --demo-dir {params.demo} --out {output} > {log} 2>&1"
 
 
 rule fetch_benchmark:
     input:
-        lambda w: demo_input(CONFIG["benchmarks"][w.benchmark]),
+        benchmark_demo_input,
     output:
-        "resources/benchmarks/{benchmark}.jsonl",
+        layout.BENCHMARK_WILDCARDS,
     log:
-        "logs/fetch_benchmark/{benchmark}.log",
+        layout.FETCH_BENCHMARK_LOG_WILDCARDS,
     conda:
         "../envs/asft.yaml"
     params:
-        spec=lambda w: canonical_json(CONFIG["benchmarks"][w.benchmark]),
-        demo=DEMO_DIR,
+        spec=benchmark_params,
+        demo=layout.DEMO_DIR,
     shell:
         "asft fetch-benchmark --spec {params.spec:q} --demo-dir {params.demo} --out {output} > {log} 2>&1"

@@ -3,18 +3,20 @@
 
 rule merge:
     input:
-        base="resources/models/{model}",
-        adapter="results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/train",
+        base=layout.MODEL_WILDCARDS,
+        adapter=layout.TRAIN_WILDCARDS,
     output:
-        directory(
-            "results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/merged"
-        ),
+        directory(layout.MERGED_WILDCARDS),
     log:
-        "logs/{experiment}/merge/{model}/{dataset}/{mode}/seed{seed}.log",
+        layout.MERGE_LOG_WILDCARDS,
     conda:
         "../envs/asft.yaml"
     resources:
         mem_mb=32000,
         runtime=60,
+    params:
+        dtype=merge_dtype,
+        remote_code=merge_remote_code_flag,
     shell:
-        "asft merge --base {input.base} --adapter {input.adapter} --out {output} > {log} 2>&1"
+        "asft merge --base {input.base} --adapter {input.adapter} --out {output}"
+        " --dtype {params.dtype} {params.remote_code} > {log} 2>&1"

@@ -3,12 +3,12 @@
 
 rule train:
     input:
-        model="resources/models/{model}",
-        data="resources/datasets/{dataset}.jsonl",
+        model=layout.MODEL_WILDCARDS,
+        data=layout.DATASET_WILDCARDS,
     output:
-        directory("results/{experiment}/runs/{model}/{dataset}/{mode}/seed{seed}/train"),
+        directory(layout.TRAIN_WILDCARDS),
     log:
-        "logs/{experiment}/train/{model}/{dataset}/{mode}/seed{seed}.log",
+        layout.TRAIN_LOG_WILDCARDS,
     conda:
         "../envs/train.yaml"
     threads: 2
@@ -16,8 +16,8 @@ rule train:
         mem_mb=32000,
         runtime=720,
     params:
-        spec=lambda w: canonical_json(train_spec(CONFIG, run_of(w))),
-        checkpoints=lambda w: f"{run_dir(w)}/checkpoints",
+        spec=train_params,
+        checkpoints=train_checkpoints,
     shell:
         "asft train --model {input.model} --data {input.data} --spec {params.spec:q}"
         " --out {output} --checkpoints {params.checkpoints} > {log} 2>&1"
