@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from asft import losses
+from asft import chunked_loss, losses
 from asft.losses import LossSpec, count_target_tokens, loss_from_hidden, loss_from_logits
 
 WEIGHTINGS = ("none", "dft", "topk", "antiop", "ref_ratio")
@@ -423,7 +423,7 @@ def test_no_gradient_work_without_grad_mode() -> None:
 @pytest.fixture
 def registered() -> Iterator[None]:
     """Registers two test weightings and a test anchor, and removes them afterwards."""
-    before = (dict(losses.WEIGHTINGS), dict(losses.ANCHORS), set(losses.PER_TOKEN_WEIGHTINGS))
+    before = (dict(losses.WEIGHTINGS), dict(losses.ANCHORS))
 
     @losses.register_weighting("test_half", per_token=True)
     def _half(ce: torch.Tensor, p: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
@@ -433,19 +433,15 @@ def registered() -> Iterator[None]:
     def _relative(ce: torch.Tensor, p: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
         return ce / ce.max()
 
-    @losses.register_anchor("test_l2")  # ½ Σ_v (p_v − q_v)²
-    def _l2(logp: torch.Tensor, ref_logp: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        p, gap = logp.exp(), logp.exp() - ref_logp.exp()
-        value = 0.5 * (gap * gap).sum(-1)
-        grad = p * gap - p * (p * gap).sum(-1, keepdim=True) if need_grad else None
-        return value, grad
+    @losses.register_anchor("test_l2")  # ½ Σ_v (p_v − q_v)²; the chunked path differentiates it by autograd
+    def _l2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+        gap = logp.exp() - ref_logp.exp()
+        return 0.5 * (gap * gap).sum(-1)
 
     yield
-    for registry, saved in zip((losses.WEIGHTINGS, losses.ANCHORS), before[:2], strict=True):
+    for registry, saved in zip((losses.WEIGHTINGS, losses.ANCHORS), before, strict=True):
         registry.clear()
         registry.update(saved)
-    losses.PER_TOKEN_WEIGHTINGS.clear()
-    losses.PER_TOKEN_WEIGHTINGS.update(before[2])
 
 
 @pytest.mark.usefixtures("registered")
@@ -601,3 +597,25 @@ def test_spec_defaults_and_reference_need() -> None:
         LossSpec(weighting="focal")  # direct construction is validated too
     with pytest.raises(AttributeError):
         spec.kl_weight = 1.0  # frozen
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_kernel_anchor_gradients_are_the_definitions(direction: str) -> None:
+    """The chunked kernel's hand-derived anchor (value, d/dlogits) equals autograd through the pure definition."""
+    generator = torch.Generator().manual_seed(6)
+    z = torch.randn(5, 7, generator=generator, dtype=torch.float64, requires_grad=True)
+    ref_logits = torch.randn(5, 7, generator=generator, dtype=torch.float64)
+    ref_logits[0, 3] = -math.inf  # a token the reference gives no mass
+    ref_logp = torch.log_softmax(ref_logits, -1)
+    logp = torch.log_softmax(z, -1)
+    value = losses.ANCHORS[direction](logp, ref_logp)
+    (want,) = torch.autograd.grad(value.sum(), z)
+    analytic = chunked_loss._ANALYTIC_ANCHORS[losses.ANCHORS[direction]]
+    got_value, got_grad = analytic(logp.detach(), ref_logp.clone(), True)
+    if direction == "reverse":  # KL(p ‖ q) is +inf where q = 0 < p; compare the rows without that entry
+        rows = slice(1, None)
+        assert got_value[0] == value[0] == math.inf
+    else:
+        rows = slice(None)
+    torch.testing.assert_close(got_value[rows], value.detach()[rows], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(got_grad[rows], want[rows], rtol=1e-12, atol=1e-15)
