@@ -64,7 +64,8 @@ def main() -> None:
     from asft.config import iter_runs, load_config, train_spec
     from asft.data import write_jsonl
     from asft.demo import build_demo
-    from asft.training import TRAIN_LOG, train
+    from asft.layout import TRAIN_LOG
+    from asft.training import train
 
     work = Path(tempfile.mkdtemp(prefix="asft-bench-"))
     build_demo(work / "demo", n_train=16, n_test=4, n_pretrain=64, pretrain_steps=2)
@@ -128,11 +129,11 @@ def reference_forward_seconds(model_dir: Path, data: Path, batch: int, max_lengt
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from asft.data import read_instruction_jsonl, to_prompt_completion
-    from asft.training import resolve_dtype
+    from asft.dtypes import training_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype("auto")).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=training_dtype("auto")).to(device).eval()
     pairs = [to_prompt_completion(r, "alpaca") for r in read_instruction_jsonl(data)]
     texts = [p["prompt"] + p["completion"] for p in pairs]
     times = []

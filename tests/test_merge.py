@@ -37,3 +37,18 @@ def test_merged_model_matches_adapter_logits(small_demo: Path, tmp_path: Path) -
 def test_merge_refuses_a_full_model(small_demo: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no adapter_config.json"):
         merge_lora(small_demo / "model", small_demo / "model", tmp_path / "out")
+
+
+def test_merge_command_takes_the_dtype_and_remote_code_flags(small_demo: Path, tmp_path: Path) -> None:
+    """`asft merge` as the merge rule calls it: the merged weights are saved in the requested dtype."""
+    from transformers import AutoModelForCausalLM
+
+    from asft.cli import main
+
+    base_dir = small_demo / "model"
+    adapter_dir = make_random_adapter(base_dir, tmp_path / "adapter", rank=4, std=0.05)
+    assert AutoModelForCausalLM.from_pretrained(base_dir, dtype="auto").dtype == torch.float32
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(base_dir), "--adapter", str(adapter_dir), "--out", str(out)]
+    assert main([*argv, "--dtype", "bfloat16", "--trust-remote-code"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(out, dtype="auto").dtype == torch.bfloat16

@@ -15,14 +15,11 @@ from asft.checkpoints import FINGERPRINT_FILE, STALE_DIR, read_log_through
 from asft.config import iter_runs, train_spec, validate_config
 from asft.data import DataFormatError
 from asft.divergence import TrainingDivergedError, check_finite_step
-from asft.training import (
-    RUN_SPEC,
-    SUMMARY,
-    TEST_HOOK_ENV,
-    TRAIN_LOG,
-    final_hidden_states,
-    train,
-)
+from asft.layout import RUN_SPEC, TRAIN_LOG
+from asft.layout import TRAIN_SUMMARY as SUMMARY
+from asft.train_io import TEST_HOOK_ENV
+from asft.trainer import final_hidden_states
+from asft.training import train
 from tests.conftest import REPO
 
 
@@ -60,7 +57,9 @@ def test_lora_asft_run_writes_adapter_and_logs(small_demo: Path, tmp_path: Path,
     # LoRA starts as the identity (B = 0): the policy is the reference at step 0, so KL is zero there.
     assert log[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < log[0]["weight_mean"] < 1  # DFT weights are probabilities
-    assert list(checkpoints.glob("checkpoint-*")) and not (tmp_path / "train.tmp").exists()
+    # A finished run keeps its log but no checkpoint (it is no resume point), and leaves no temp output.
+    assert not list(checkpoints.glob("checkpoint-*")) and (checkpoints / TRAIN_LOG).exists()
+    assert not (tmp_path / "train.tmp").exists()
 
 
 def test_kl_is_logged_for_unanchored_modes_and_grows(small_demo: Path, tmp_path: Path, config: dict) -> None:
@@ -435,7 +434,7 @@ def test_a_killed_zero3_job_resumes_from_its_deepspeed_checkpoint(
 
 def test_data_parallel_launch_and_device_check(monkeypatch: pytest.MonkeyPatch) -> None:
     from asft.config import ConfigError
-    from asft.training import check_devices, data_parallel_command
+    from asft.distributed import check_devices, data_parallel_command
 
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
@@ -469,7 +468,7 @@ def test_the_loss_runs_inside_a_partitioned_heads_module_call() -> None:
     """Without ZeRO-3 the loss is computed directly; with it (a head parameter carrying `ds_id`), as the head
     module's forward, so DeepSpeed's module hooks gather the head around it (the real engine: the ZeRO-3 cases
     of the two-rank test above). The module's own forward is restored afterwards."""
-    from asft.training import loss_in_head_module
+    from asft.distributed import loss_in_head_module
 
     head = torch.nn.Linear(2, 4, bias=False)
     seen = []

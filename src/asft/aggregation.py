@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from asft.layout import RUN_SPEC, TRAIN_LOG
+
 BASE_LABEL = "base"
 
 
@@ -119,8 +121,8 @@ def load_train_logs(train_dirs: Sequence[Path]) -> pd.DataFrame:
     """Training log lines of each training output dir, labelled with the run id from its run spec."""
     frames = []
     for train_dir in train_dirs:
-        path = Path(train_dir) / "train_log.jsonl"
-        spec_path = Path(train_dir) / "run_spec.json"
+        path = Path(train_dir) / TRAIN_LOG
+        spec_path = Path(train_dir) / RUN_SPEC
         label = json.loads(spec_path.read_text())["run_id"] if spec_path.exists() else str(train_dir)
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if records:

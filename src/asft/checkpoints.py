@@ -20,6 +20,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from asft.run_io import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 FINGERPRINT_FILE = "asft_fingerprint.json"
@@ -118,9 +120,7 @@ def remove_stale(checkpoint_dir: Path) -> None:
 
 def mark_checkpoint(checkpoint: Path, fingerprint: str) -> None:
     """Declare a fully saved checkpoint resumable by jobs with this fingerprint (atomic: a kill leaves no half mark)."""
-    tmp = checkpoint / (FINGERPRINT_FILE + ".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fingerprint}))
-    os.replace(tmp, checkpoint / FINGERPRINT_FILE)
+    write_text_atomic(checkpoint / FINGERPRINT_FILE, json.dumps({"fingerprint": fingerprint}))
 
 
 def remove_checkpoints(checkpoint_dir: Path) -> None:
@@ -158,4 +158,4 @@ def read_log_through(path: Path, keep_through_step: int) -> list[str]:
 def truncate_log(path: Path, keep_through_step: int) -> None:
     """Keep the log lines of steps a resumed run will not redo; drop the rest (all of them on a fresh start)."""
     if path.exists():
-        path.write_text("".join(line + "\n" for line in read_log_through(path, keep_through_step)), encoding="utf-8")
+        write_text_atomic(path, "".join(line + "\n" for line in read_log_through(path, keep_through_step)))

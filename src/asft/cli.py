@@ -25,12 +25,14 @@ def _json_arg(value: str) -> Any:
 
 def _cmd_build_demo(args: argparse.Namespace) -> None:
     from asft.demo import build_demo
+    from asft.layout import DEMO_MANIFEST
+    from asft.run_io import write_text_atomic
 
     options = args.options or {}
-    manifest = args.out / "manifest.json"
+    manifest = args.out / DEMO_MANIFEST
     manifest.unlink(missing_ok=True)  # the manifest marks a finished build; it is written last
     summary = build_demo(args.out, **options)
-    manifest.write_text(json.dumps({"options": options, **summary}, indent=2, sort_keys=True))
+    write_text_atomic(manifest, json.dumps({"options": options, **summary}, indent=2, sort_keys=True))
     print(json.dumps(summary, indent=2))
 
 
@@ -65,7 +67,7 @@ def _cmd_fetch_benchmark(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from asft.training import check_devices, data_parallel_command, train
+    from asft.distributed import check_devices, data_parallel_command
 
     num_processes = args.spec["training"].get("num_processes", 1)
     check_devices(num_processes, args.spec["training"].get("deepspeed"))
@@ -73,6 +75,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     if command is not None:  # one rank per GPU; each rank runs this same command
         logging.info("launching %d data-parallel ranks", num_processes)
         raise SystemExit(subprocess.run(command).returncode)
+    from asft.training import train  # the training stack loads only where a rank trains
+
     summary = train(args.model, args.data, args.spec, args.out, args.checkpoints)
     print(json.dumps(summary, indent=2))
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from asft.run_io import atomic_file
+
 # The upstream ASFT/DFT training template, verbatim.
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
@@ -63,57 +65,49 @@ def read_instruction_jsonl(path: str | Path) -> list[dict[str, str]]:
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     """Write records atomically (temp file + rename) so a failed job leaves no complete-looking file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     count = 0
-    with tmp.open("w", encoding="utf-8") as handle:
+    with atomic_file(Path(path)) as tmp, tmp.open("w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
-    tmp.replace(path)
     return count
 
 
-def chat_messages(instruction: str, template: str) -> list[dict[str, str]]:
-    """The user turn (and system turn for Qwen-math CoT) for chat-style templates."""
-    messages = []
+def template_prompt(instruction: str, template: str) -> str | list[dict[str, str]]:
+    """The prompt for `instruction` under `template`: the one place templates are told apart.
+
+    Alpaca is plain text, the upstream template verbatim. Chat templates are conversation turns (a system turn
+    too for Qwen-math CoT) that the tokenizer's own chat template renders.
+    """
+    if template == "alpaca":
+        return ALPACA_TEMPLATE.format(instruction=instruction)
+    if template == "chat":
+        return [{"role": "user", "content": instruction}]
     if template == "qwen_math_cot":
-        messages.append({"role": "system", "content": QWEN_MATH_COT_SYSTEM})
-    messages.append({"role": "user", "content": instruction})
-    return messages
+        return [{"role": "system", "content": QWEN_MATH_COT_SYSTEM}, {"role": "user", "content": instruction}]
+    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
 def render_prompt(instruction: str, template: str, tokenizer: Any = None) -> str:
     """The exact prompt text a model sees for `instruction` under `template`."""
-    if template == "alpaca":
-        return ALPACA_TEMPLATE.format(instruction=instruction)
-    if template in ("chat", "qwen_math_cot"):
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"template {template!r} needs a tokenizer with a chat template")
-        return tokenizer.apply_chat_template(
-            chat_messages(instruction, template), tokenize=False, add_generation_prompt=True
-        )
-    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    prompt = template_prompt(instruction, template)
+    if isinstance(prompt, str):
+        return prompt
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"template {template!r} needs a tokenizer with a chat template")
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
 def to_prompt_completion(record: dict[str, str], template: str) -> dict[str, Any]:
     """A TRL prompt/completion example: TRL masks the prompt and appends EOS to text completions.
 
-    Alpaca is plain text with a space before the response, as upstream. Chat templates use TRL's
-    conversational form so the tokenizer's own template renders (and closes) the assistant turn.
+    A text prompt gets a space before the response, as upstream; a conversational one an assistant turn, which
+    TRL renders (and closes) with the tokenizer's own chat template.
     """
-    if template == "alpaca":
-        return {
-            "prompt": ALPACA_TEMPLATE.format(instruction=record["instruction"]),
-            "completion": " " + record["response"],
-        }
-    if template in ("chat", "qwen_math_cot"):
-        return {
-            "prompt": chat_messages(record["instruction"], template),
-            "completion": [{"role": "assistant", "content": record["response"]}],
-        }
-    raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
+    prompt = template_prompt(record["instruction"], template)
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "completion": " " + record["response"]}
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": record["response"]}]}
 
 
 def prepare_dataset_records(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from asft.data import iter_json_objects, prepare_dataset_records, write_jsonl
+from asft.run_io import atomic_dir, atomic_file, temp_sibling
 
 
 class SourceError(ValueError):
@@ -94,20 +95,17 @@ def sha256_of(path: Path) -> str:
 
 def download_url(url: str, sha256: str, dest: Path) -> Path:
     """Download to `dest` and verify the pinned checksum; a mismatch leaves no file behind."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as tmp:
-        try:
-            with urllib.request.urlopen(_request(url), timeout=60) as response:  # noqa: S310 - schema: http(s)/file
-                shutil.copyfileobj(response, tmp)
-        except (OSError, ValueError) as err:  # ValueError: a URL urllib cannot use, and its message quotes it
-            os.unlink(tmp.name)
-            # `from None`: a chained traceback would print the unredacted original message.
-            raise SourceError(f"{redact_url(url)}: download failed: {_scrub(str(err), url)}") from None
-    actual = sha256_of(Path(tmp.name))
-    if actual != sha256:
-        os.unlink(tmp.name)
-        raise SourceError(f"{redact_url(url)}: sha256 mismatch: expected {sha256}, got {actual}")
-    os.replace(tmp.name, dest)
+    with atomic_file(dest) as tmp:
+        with tmp.open("wb") as handle:
+            try:
+                with urllib.request.urlopen(_request(url), timeout=60) as response:  # noqa: S310 - http(s)/file
+                    shutil.copyfileobj(response, handle)
+            except (OSError, ValueError) as err:  # ValueError: a URL urllib cannot use, and its message quotes it
+                # `from None`: a chained traceback would print the unredacted original message.
+                raise SourceError(f"{redact_url(url)}: download failed: {_scrub(str(err), url)}") from None
+        actual = sha256_of(tmp)
+        if actual != sha256:
+            raise SourceError(f"{redact_url(url)}: sha256 mismatch: expected {sha256}, got {actual}")
     return dest
 
 
@@ -134,11 +132,14 @@ def fetch_model(source: dict, out_dir: Path, demo_dir: Path | None = None) -> Pa
             raise SourceError(f"{target}: not a model directory (no config.json)")
         out_dir.symlink_to(target, target_is_directory=True)
     elif "demo" in source:
-        shutil.copytree(_demo_path(source, demo_dir), out_dir)
+        demo = _demo_path(source, demo_dir)
+        with atomic_dir(out_dir) as tmp:
+            shutil.copytree(demo, tmp, dirs_exist_ok=True)
     elif "hub" in source:
         from huggingface_hub import snapshot_download
 
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        # Not emptied first: snapshot_download resumes what a killed job already downloaded there.
+        tmp = temp_sibling(out_dir)
         snapshot_download(
             repo_id=source["hub"],
             revision=source["revision"],
@@ -230,7 +231,6 @@ def fetch_benchmark(benchmark: dict, out_path: Path, demo_dir: Path | None = Non
             raw = Path(work) / "raw.jsonl"
             rows = (row for source in sources for row in source_rows(source, Path(work), demo_dir))
             write_jsonl(raw, rows)
-        tmp = out_path.with_name(out_path.name + ".tmp")
-        normalize_benchmark(benchmark["format"], raw, tmp)
-        os.replace(tmp, out_path)
+        with atomic_file(out_path) as tmp:
+            normalize_benchmark(benchmark["format"], raw, tmp)
     return sum(1 for line in out_path.open(encoding="utf-8") if line.strip())

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
-import torch
+from asft.dtypes import loading_dtype
+from asft.run_io import atomic_dir
 
 
 def is_lora_dir(path: Path) -> bool:
@@ -25,17 +24,14 @@ def merge_lora(
 
     if not is_lora_dir(adapter_dir):
         raise ValueError(f"{adapter_dir}: no adapter_config.json; full fine-tunes are evaluated directly, not merged")
-    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    base = AutoModelForCausalLM.from_pretrained(
+        base_dir, dtype=loading_dtype(dtype), trust_remote_code=trust_remote_code
+    )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code)
 
     out_dir = Path(out_dir)
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    merged.save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp_dir, out_dir)
+    with atomic_dir(out_dir) as tmp_dir:
+        merged.save_pretrained(tmp_dir)
+        tokenizer.save_pretrained(tmp_dir)
     return out_dir

@@ -1,0 +1,107 @@
+"""A training run's files besides the weights: the step log, the checkpoint marks and the finished output.
+
+Checkpoints and the log live in the run's checkpoint folder, outside the declared output, so a restarted job
+resumes (`asft.checkpoints` decides which checkpoint belongs to it); the output folder is assembled by
+`asft.run_io.atomic_dir` and appears only when the run has finished.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from asft import checkpoints
+from asft.layout import RUN_SPEC, TRAIN_LOG, TRAIN_SUMMARY
+
+# Per-micro-batch loss statistics the trainer gathers from every rank and the log records for each step.
+LOGGED_STATS = ("ce", "kl", "weight_mean", "target_tokens")
+# Tests only: "module:function" called with (step, checkpoint path) on every rank once a checkpoint is saved and
+# marked, so a test can kill a job at a known point. Comes from the environment of the job, never from the config.
+TEST_HOOK_ENV = "ASFT_TRAIN_TEST_HOOK"
+
+
+def start_run_files(tmp_dir: Path, checkpoint_dir: Path, spec: dict, fingerprint: str, resume: Path | None) -> None:
+    """Main process only: record the spec, set other settings' checkpoints aside, cut the log to the resume point."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints.set_aside_stale(checkpoint_dir, fingerprint)
+    (tmp_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
+    checkpoints.truncate_log(checkpoint_dir / TRAIN_LOG, checkpoints.checkpoint_step(resume) if resume else 0)
+
+
+def finish_run_files(tmp_dir: Path, checkpoint_dir: Path, summary: dict) -> None:
+    """Main process only: copy the log and write the summary into the output; drop the finished run's checkpoints,
+    which are no resume point for a later job."""
+    log_path = checkpoint_dir / TRAIN_LOG
+    if not log_path.exists():
+        log_path.touch()
+    shutil.copyfile(log_path, tmp_dir / TRAIN_LOG)
+    (tmp_dir / TRAIN_SUMMARY).write_text(json.dumps(summary, indent=2))
+    checkpoints.remove_checkpoints(checkpoint_dir)
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Writes each logging step (loss, CE, KL, mean weight, lr, tokens/s) as one JSON line for the plots."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._last_time: float | None = None
+        self._last_tokens = 0.0
+        self._last_step = 0
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._last_time = time.perf_counter()
+        self._last_step = state.global_step
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.perf_counter()
+        tokens = float(logs.get("num_tokens", self._last_tokens))
+        elapsed = now - (self._last_time or now)
+        record = {"step": state.global_step, "epoch": logs.get("epoch")}
+        for key in ("loss", *LOGGED_STATS, "learning_rate", "grad_norm"):
+            if key in logs:
+                record[key] = float(logs[key])
+        steps = state.global_step - self._last_step
+        record["tokens_per_second"] = (tokens - self._last_tokens) / elapsed if elapsed > 0 else None
+        record["step_seconds"] = elapsed / steps if steps > 0 else None
+        self._last_time, self._last_tokens, self._last_step = now, tokens, state.global_step
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+class CheckpointFingerprintCallback(TrainerCallback):
+    """Marks each checkpoint with the run's fingerprint once every rank has saved its part, and drops the
+    previous settings' checkpoints once this run has one of its own."""
+
+    def __init__(self, checkpoint_dir: Path, fingerprint: str) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.fingerprint = fingerprint
+        self.test_hook = _load_test_hook()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # a checkpoint is resumable only once every rank's shard is on disk
+        checkpoint = self.checkpoint_dir / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero:
+            checkpoints.mark_checkpoint(checkpoint, self.fingerprint)
+            checkpoints.remove_stale(self.checkpoint_dir)
+        if self.test_hook is not None:
+            self.test_hook(state.global_step, checkpoint)
+
+
+def _load_test_hook() -> Callable[[int, Path], None] | None:
+    spec = os.environ.get(TEST_HOOK_ENV)
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
