@@ -1,0 +1,194 @@
+"""The run matrix: runs expanded from a validated config, their ids, and the spec each job receives.
+
+A run id doubles as its results path (asft.layout), and a job's spec is exactly what determines its result, so
+the params Snakemake compares rerun a job precisely when its outcome could change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from asft import layout
+from asft.config_files import ConfigError
+
+SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
+    # Greedy decoding, one sample: cheap and deterministic (the fork's protocol).
+    "greedy": {"n": 1, "temperature": 0.0, "top_p": 1.0, "max_new_tokens": 1024, "seed": 0},
+    # The paper's protocol: avg@16 at temperature 1.0 with up to 4096 new tokens.
+    "paper": {"n": 16, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 4096, "seed": 0},
+}
+
+
+@dataclass(frozen=True, order=True)
+class Run:
+    """One training run of the matrix; its id doubles as its results path."""
+
+    experiment: str
+    model: str
+    dataset: str
+    mode: str
+    kl_weight: float
+    seed: int
+
+    @property
+    def mode_label(self) -> str:
+        return mode_label(self.mode, self.kl_weight)
+
+    @property
+    def run_id(self) -> str:
+        return layout.run_id(self.model, self.dataset, self.mode_label, self.seed)
+
+    @property
+    def run_dir(self) -> str:
+        return layout.run_dir(self.experiment, self.run_id)
+
+
+def mode_label(mode: str, kl_weight: float) -> str:
+    """`asft-kl0.05` for anchored modes, the bare mode name otherwise: stable and readable."""
+    return f"{mode}-kl{kl_weight:g}" if kl_weight > 0 else mode
+
+
+def iter_runs(config: Mapping[str, Any], experiment: str | None = None) -> Iterator[Run]:
+    """Expand experiments into runs; `kl_weights` sweeps only modes that have a KL anchor."""
+    for exp_name in config["experiments"]:
+        if experiment is None or exp_name == experiment:
+            for run, _ in runs_with_origins(config, exp_name):
+                yield run
+
+
+def runs_with_origins(config: Mapping[str, Any], exp_name: str) -> Iterator[tuple[Run, str]]:
+    """One experiment's runs, each with the config entries that produced its mode label (for error messages)."""
+    exp = config["experiments"][exp_name]
+    for model in exp["models"]:
+        for dataset in exp["datasets"]:
+            for mode_index, mode in enumerate(exp["modes"]):
+                own_kl = float(config["modes"][mode].get("kl_weight", 0.0))
+                if own_kl > 0 and "kl_weights" in exp:
+                    kls = [
+                        (float(kl), f"modes[{mode_index}] {mode!r} with kl_weights[{i}] = {kl!r}")
+                        for i, kl in enumerate(exp["kl_weights"])
+                    ]
+                else:
+                    kls = [(own_kl, f"modes[{mode_index}] {mode!r}" + (f" (kl_weight {own_kl!r})" if own_kl else ""))]
+                for kl, origin in kls:
+                    for seed in exp["seeds"]:
+                        yield Run(exp_name, model, dataset, mode, kl, int(seed)), origin
+
+
+RunsById = dict[tuple[str, str], Run]
+
+
+def runs_by_id(config: Mapping[str, Any], experiment: str | None = None) -> RunsById:
+    """Every run keyed by (experiment, run id), built once so that a job finds its run without expanding the matrix.
+
+    Ids are unique within an experiment (validate_config refuses a clash), so no run is lost.
+    """
+    return {(run.experiment, run.run_id): run for run in iter_runs(config, experiment)}
+
+
+def run_by_id(runs: RunsById, experiment: str, run_id: str) -> Run:
+    """The run whose id is `run_id` (as it appears in paths/wildcards), or a ConfigError naming the experiment."""
+    try:
+        return runs[(experiment, run_id)]
+    except KeyError:
+        raise ConfigError(f"experiments.{experiment}: no run with id {run_id!r}") from None
+
+
+def find_run(config: Mapping[str, Any], experiment: str, run_id: str) -> Run:
+    """`run_by_id` for a single lookup; callers with many lookups build `runs_by_id` once instead."""
+    return run_by_id(runs_by_id(config, experiment), experiment, run_id)
+
+
+def run_identity(run: Run) -> dict[str, Any]:
+    """What an evaluation records about the run it scored, so that tables can group and label it."""
+    return {
+        "experiment": run.experiment,
+        "run_id": run.run_id,
+        "model": run.model,
+        "dataset": run.dataset,
+        "mode": run.mode,
+        "mode_label": run.mode_label,
+        "kl_weight": run.kl_weight,
+        "seed": run.seed,
+    }
+
+
+def base_identity(experiment: str, model: str) -> dict[str, Any]:
+    """`run_identity` for the untuned model, labelled `base` in the tables."""
+    return {"experiment": experiment, "model": model, "mode_label": "base"}
+
+
+def loss_config(config: Mapping[str, Any], run: Run) -> dict:
+    """The mode row with the run's (possibly swept) KL weight."""
+    row = dict(config["modes"][run.mode])
+    row["kl_weight"] = run.kl_weight
+    return row
+
+
+def train_spec(config: Mapping[str, Any], run: Run) -> dict:
+    """Everything that determines a training run's result, and nothing else (no benchmarks, no eval settings)."""
+    exp = config["experiments"][run.experiment]
+    return {
+        "run_id": run.run_id,
+        "mode": run.mode,
+        "loss": loss_config(config, run),
+        "seed": run.seed,
+        "training": exp["training"],
+        "dataset": {k: v for k, v in config["datasets"][run.dataset].items() if k != "source"},
+    }
+
+
+def resolve_sampling(*layers: Mapping[str, Any] | None) -> dict:
+    """Preset values, then explicit overrides, later layers winning (experiment, then benchmark)."""
+    preset = "greedy"
+    for layer in layers:
+        if layer and layer.get("preset"):
+            preset = layer["preset"]
+    sampling = dict(SAMPLING_PRESETS[preset], preset=preset)
+    for layer in layers:
+        for key, value in (layer or {}).items():
+            if key != "preset":
+                sampling[key] = value
+    return sampling
+
+
+def eval_spec(config: Mapping[str, Any], experiment: str, benchmark: str) -> dict:
+    """Everything that determines one evaluation (the model path and template are added by the caller)."""
+    exp_eval = config["experiments"][experiment]["evaluation"]
+    bench = config["benchmarks"][benchmark]
+    return {
+        "benchmark": benchmark,
+        "format": bench["format"],
+        "backend": exp_eval["backend"],
+        "template": exp_eval["template"] or config["experiments"][experiment]["training"]["template"],
+        "sampling": resolve_sampling(exp_eval.get("sampling"), bench.get("sampling")),
+        "batch_size": exp_eval["batch_size"],
+        "max_problems": exp_eval["max_problems"],
+        "grading_workers": exp_eval["grading_workers"],
+        "grading_timeout_s": exp_eval["grading_timeout_s"],
+        "bootstrap_samples": exp_eval["bootstrap_samples"],
+        "dtype": exp_eval["dtype"],
+        "trust_remote_code": config["experiments"][experiment]["training"]["trust_remote_code"],
+    }
+
+
+def merge_spec(config: Mapping[str, Any], experiment: str) -> dict:
+    """How a LoRA run is merged: in the evaluation's dtype, since the merged weights exist only to be evaluated
+    (`auto` keeps the base checkpoint's dtype, as evaluating with the adapter applied directly does), and with
+    remote code allowed exactly when training allowed it, so a model that trained can also be merged."""
+    exp = config["experiments"][experiment]
+    return {"dtype": exp["evaluation"]["dtype"], "trust_remote_code": exp["training"]["trust_remote_code"]}
+
+
+def source_list(entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """An entry's sources as a list: benchmarks may concatenate several (one per MMLU subject, say)."""
+    source = entry["source"]
+    return list(source) if isinstance(source, list) else [source]
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted, compact JSON: the params value Snakemake compares to decide whether a job is stale."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
