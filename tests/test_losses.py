@@ -31,7 +31,8 @@ def reference_loss(
     ref_logits: torch.Tensor | None = None,
     num_target_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Σ w·CE/N + λ·ΣKL/N written token by token, straight from DESIGN.md's table; (loss, ce/kl/weight means)."""
+    """Σ w·CE/N + λ·ΣKL/N written token by token, straight from the loss table of docs/ARCHITECTURE.md;
+    returns (loss, ce/kl/weight means)."""
     tokens = []  # (logp row, ref logp row or None, target)
     for b in range(labels.shape[0]):
         for t in range(labels.shape[1] - 1):

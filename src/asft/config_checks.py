@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from asft.config_files import ConfigError
-from asft.matrix import runs_with_origins, resolve_sampling
+from asft.matrix import resolve_sampling, runs_with_origins
 
 
 def non_finite(value: Any, path: tuple = ()) -> Iterator[tuple[list, float]]:

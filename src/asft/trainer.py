@@ -1,4 +1,4 @@
-"""The method: TRL's SFTTrainer with the project's token-weighted and anchored losses (DESIGN.md).
+"""The method: TRL's SFTTrainer with the project's token-weighted and anchored losses (docs/ARCHITECTURE.md).
 
 One policy forward stops at the final hidden states (no labels reach the model, so Hugging Face computes no second
 loss and no full logits) and, when the mode needs it, one no-grad reference forward: the same weights with the
@@ -52,7 +52,7 @@ def final_hidden_states(
 
 
 class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
-    """SFTTrainer whose loss is one of the DESIGN.md modes, normalised per optimizer step."""
+    """SFTTrainer whose loss is one of the modes of docs/ARCHITECTURE.md, normalised per optimizer step."""
 
     def __init__(
         self,

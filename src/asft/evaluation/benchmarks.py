@@ -1,6 +1,6 @@
 """Benchmark loaders: each published format -> `Example`s, and one normalised JSONL the evaluation reads.
 
-Formats (one JSON object per line), as in DESIGN.md: math500, minerva_math, olympiadbench, aime24, amc23,
+Formats (one JSON object per line; docs/ARCHITECTURE.md): math500, minerva_math, olympiadbench, aime24, amc23,
 gsm8k (math, graded with math-verify) and medqa, medmcqa, mmlu_medical (multiple choice, graded by letter).
 medqa and mmlu_medical also accept the Open Medical-LLM Leaderboard's nested layout (openlifescienceai/* on the
 hub), which is where pinned revisions of them are published.
