@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from asft.demo import build_demo
@@ -45,3 +48,19 @@ def test_data_files(small_demo: Path) -> None:
         left, answer = equation.split(" = ")
         a, op, b = left.split(" ")
         assert int(answer) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
+
+
+def test_build_does_not_depend_on_thread_count(small_demo: Path, tmp_path: Path) -> None:
+    """One thread gives the fixture's (two threads') weights bit for bit, as the README says.
+
+    So a machine's core count does not change the demo; its vector kernels (AVX2 or not) do, which is what the
+    README's cross-machine spread is about.
+    """
+    script = (
+        "import json, sys, torch; from asft.demo import build_demo; torch.set_num_threads(1); "
+        "build_demo(sys.argv[1], **json.loads(sys.argv[2]))"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), json.dumps(SMALL_DEMO)], env=env, check=True)
+    name = "model/model.safetensors"
+    assert (tmp_path / name).read_bytes() == (small_demo / name).read_bytes()
