@@ -7,12 +7,9 @@ resumes (`asft.checkpoints` decides which checkpoint belongs to it); the output 
 
 from __future__ import annotations
 
-import importlib
 import json
-import os
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +18,7 @@ from transformers import TrainerCallback
 
 from asft import checkpoints
 from asft.layout import RUN_SPEC, TRAIN_LOG, TRAIN_SUMMARY
+from asft.test_hooks import load_hook
 
 # Per-micro-batch loss statistics the trainer gathers from every rank and the log records for each step.
 LOGGED_STATS = ("ce", "kl", "weight_mean", "target_tokens")
@@ -86,7 +84,7 @@ class CheckpointFingerprintCallback(TrainerCallback):
     def __init__(self, checkpoint_dir: Path, fingerprint: str) -> None:
         self.checkpoint_dir = checkpoint_dir
         self.fingerprint = fingerprint
-        self.test_hook = _load_test_hook()
+        self.test_hook = load_hook(TEST_HOOK_ENV)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if dist.is_available() and dist.is_initialized():
@@ -97,11 +95,3 @@ class CheckpointFingerprintCallback(TrainerCallback):
             checkpoints.remove_stale(self.checkpoint_dir)
         if self.test_hook is not None:
             self.test_hook(state.global_step, checkpoint)
-
-
-def _load_test_hook() -> Callable[[int, Path], None] | None:
-    spec = os.environ.get(TEST_HOOK_ENV)
-    if not spec:
-        return None
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)

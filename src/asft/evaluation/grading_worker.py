@@ -17,11 +17,11 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from asft.evaluation.extraction import completion_candidates, extract_answer, gold_candidates
+from asft.test_hooks import load_hook
 
 Status = Literal["ok", "timeout", "error"]
 
@@ -86,16 +86,6 @@ class _ItemTimeout(BaseException):
     """Raised by the worker's timer; a BaseException so math-verify's `except Exception` cannot swallow it."""
 
 
-def _load_test_hook() -> Callable[[str, str], None] | None:
-    spec = os.environ.get(TEST_HOOK_ENV)
-    if not spec:
-        return None
-    import importlib
-
-    module, _, name = spec.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def serve() -> None:
     """Worker loop: one JSON line of [index, completion, gold] items in, one JSON line per graded item out."""
     import logging
@@ -113,7 +103,7 @@ def serve() -> None:
         pass
     _configs()
     _parse_gold("1")  # import and warm up math-verify before "ready", so startup does not eat an item's time
-    hook = _load_test_hook()
+    hook = load_hook(TEST_HOOK_ENV)
     timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     expired = False
 
