@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from asft.fetch import sha256_of
 from asft.run_io import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -32,28 +33,20 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _HASH_LIMIT_BYTES = 16 << 20
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_identity(model_dir: Path) -> list[list[Any]]:
     """Every file of a model directory: small ones (config, tokenizer) by content, weights by size and mtime."""
     model_dir = Path(model_dir).resolve()  # a `path:` model is a symlink to the user's directory
     identity = []
     for path in sorted(p for p in model_dir.rglob("*") if p.is_file()):
         stat = path.stat()
-        fact = _sha256_file(path) if stat.st_size <= _HASH_LIMIT_BYTES else [stat.st_size, stat.st_mtime_ns]
+        fact = sha256_of(path) if stat.st_size <= _HASH_LIMIT_BYTES else [stat.st_size, stat.st_mtime_ns]
         identity.append([str(path.relative_to(model_dir)), fact])
     return identity
 
 
 def run_fingerprint(spec: dict, model_dir: Path, data_path: Path) -> str:
     """A hash of everything that decides a run's training trajectory."""
-    payload = {"spec": spec, "model": model_identity(model_dir), "data": _sha256_file(Path(data_path))}
+    payload = {"spec": spec, "model": model_identity(model_dir), "data": sha256_of(Path(data_path))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
