@@ -215,4 +215,7 @@ def train(
             tokenizer.save_pretrained(str(tmp_dir))
             finish_run_files(tmp_dir, checkpoint_dir, summary)
     accelerator.wait_for_everyone()
+    # Tear the process group down before the interpreter does: left to exit, a gloo rank can abort in C++
+    # ("terminate called without an active exception") after the run has finished.
+    accelerator.end_training()
     return summary
