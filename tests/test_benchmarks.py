@@ -281,3 +281,27 @@ def test_last_boxed_is_linear() -> None:
     assert last_boxed("\\boxed{" * 100_000) is None
     assert last_boxed("\\boxed{" * 100_000 + "1}") == "1"
     assert time.monotonic() - started < 2.0  # a brace scan from the last opener only: milliseconds
+
+
+def test_mmlu_medical_is_upstreams_twelve_subjects() -> None:
+    from asft.evaluation.benchmarks import MMLU_MEDICAL_SUBJECTS
+
+    assert len(MMLU_MEDICAL_SUBJECTS) == 12 and sum(MMLU_MEDICAL_SUBJECTS.values()) == 2739
+    assert {"high_school_biology", "high_school_psychology", "nutrition", "virology", "human_aging"} <= set(
+        MMLU_MEDICAL_SUBJECTS
+    )
+
+
+def test_mmlu_medical_reads_cais_mmlu_rows(tmp_path: Path) -> None:
+    """Upstream's test file (and cais/mmlu per subject) holds subject, question, choices and a 0-based answer."""
+    rows = [
+        {"subject": "virology", "question": "q1", "choices": ["a", "b", "c", "d"], "answer": 2},
+        {"subject": "nutrition", "question": "q2", "choices": ["a", "b", "c", "d"], "answer": 0},
+    ]
+    path = tmp_path / "mmlu.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = load_benchmark("mmlu_medical", path)
+    assert [(e.id, e.question, e.gold, e.kind) for e in examples] == [
+        ("0", "q1", "C", "choice"),
+        ("1", "q2", "A", "choice"),
+    ]

@@ -8,21 +8,40 @@ from pathlib import Path
 import pytest
 
 from asft.data import (
-    ALPACA_TEMPLATE,
     DataFormatError,
     read_instruction_jsonl,
     render_prompt,
+    template_prompt,
     to_prompt_completion,
 )
 
+UPSTREAM_ALPACA = (  # zhuchichi56/ASFT train_v2.py PROMPT_DICT["prompt_no_input"]
+    "Below is an instruction that describes a task. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:"
+)
 
-def test_alpaca_template_is_upstreams() -> None:
-    assert render_prompt("Add 2 and 3.", "alpaca") == (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the "
-        "request.\n\n### Instruction:\nAdd 2 and 3.\n\n### Response:"
-    )
+
+def test_alpaca_training_text_is_upstreams_prompt_response_eos() -> None:
+    """Upstream trains on prompt + response + EOS, nothing between prompt and response (TRL adds the EOS)."""
     example = to_prompt_completion({"instruction": "Add 2 and 3.", "response": "5"}, "alpaca")
-    assert example == {"prompt": ALPACA_TEMPLATE.format(instruction="Add 2 and 3."), "completion": " 5"}
+    assert example == {"prompt": UPSTREAM_ALPACA, "completion": "5"}
+    assert example["prompt"] + example["completion"] == UPSTREAM_ALPACA + "5"
+
+
+def test_alpaca_evaluation_prompt_ends_with_a_newline_as_upstreams() -> None:
+    """Upstream's evaluation alpaca prompt (math_evaluation/utils.py) is the training one plus "\\n"."""
+    assert render_prompt("Add 2 and 3.", "alpaca") == UPSTREAM_ALPACA + "\n"
+    assert render_prompt("Add 2 and 3.", "alpaca", stage="train") == UPSTREAM_ALPACA
+    assert template_prompt("Add 2 and 3.", "alpaca", "eval") == UPSTREAM_ALPACA + "\n"
+
+
+def test_plain_and_question_answer_templates() -> None:
+    text = "Question: q\n\nOptions:\nA. a\nB. b\n\nAnswer:"
+    assert render_prompt(text, "plain") == text  # no wrapper at all
+    assert render_prompt("What is 1+1?", "question_answer") == "Question: What is 1+1?\nAnswer:"
+    assert to_prompt_completion({"instruction": "x", "response": "y"}, "plain") == {"prompt": "x", "completion": "y"}
+    with pytest.raises(ValueError, match="unknown stage"):
+        template_prompt("x", "alpaca", "test")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -83,7 +102,7 @@ def test_trl_masks_the_prompt(small_demo: Path, template: str) -> None:
     batch = trainer.data_collator([trainer.train_dataset[0]])
     labels, ids = batch["labels"][0], batch["input_ids"][0]
     target = labels != -100
-    prompt = render_prompt(record["instruction"], template, tokenizer)
+    prompt = render_prompt(record["instruction"], template, tokenizer, stage="train")
     n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     assert not target[:n_prompt].any()
     assert target[n_prompt:].all()
@@ -91,5 +110,8 @@ def test_trl_masks_the_prompt(small_demo: Path, template: str) -> None:
     assert record["response"] in completion_text
     if template == "alpaca":  # TRL closes text completions with EOS, which is a target too
         assert ids[-1].item() == tokenizer.eos_token_id and target[-1]
+        # The whole sequence is upstream's: tokenizer(prompt + response) followed by EOS.
+        upstream = tokenizer(prompt + record["response"])["input_ids"] + [tokenizer.eos_token_id]
+        assert ids.tolist() == upstream
     else:  # the chat template closes the assistant turn, and the model learns to emit the end-of-turn token
         assert tokenizer.convert_tokens_to_ids("<|im_end|>") in ids[target].tolist()

@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 
 from asft.evaluation import runner
+from asft.evaluation.backend_interface import UPSTREAM_STOP, stop_token_ids, truncate_at_stop
 from asft.evaluation.backends import SamplingParams, TransformersBackend
+from asft.evaluation.benchmarks import Example
+from asft.evaluation.grading import pick_choice
 from asft.fetch import fetch_benchmark
 from tests.conftest import SHARED_BENCHMARKS
 
@@ -67,11 +70,11 @@ def test_restart_skips_finished_problems(
     calls: list[int] = []
     real_generate = TransformersBackend.generate
 
-    def dying_generate(self, prompts, params):  # the job is killed after its first batch
+    def dying_generate(self, prompts, params, **options):  # the job is killed after its first batch
         calls.append(len(prompts))
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return real_generate(self, prompts, params)
+        return real_generate(self, prompts, params, **options)
 
     monkeypatch.setattr(TransformersBackend, "generate", dying_generate)
     with pytest.raises(KeyboardInterrupt):
@@ -82,7 +85,7 @@ def test_restart_skips_finished_problems(
         handle.write('{"id": "torn')  # a line cut short by the kill
     calls.clear()
     monkeypatch.setattr(
-        TransformersBackend, "generate", lambda self, p, s: calls.append(len(p)) or real_generate(self, p, s)
+        TransformersBackend, "generate", lambda self, p, s, **o: calls.append(len(p)) or real_generate(self, p, s, **o)
     )
     metrics = runner.evaluate(small_demo / "model", arith, _spec(), tmp_path)
     assert calls == [4]  # only the 4 problems not yet done
@@ -118,8 +121,12 @@ def test_multiple_choice_by_letter_logprob(small_demo: Path, tmp_path: Path) -> 
     samples = [json.loads(line) for line in (tmp_path / "out" / runner.SAMPLES).read_text().splitlines()]
     assert metrics["kind"] == "choice" and len(samples) == 4
     for sample in samples:
-        assert sample["extracted"] == max(sample["logprobs"], key=sample["logprobs"].get)
+        top = [(token, logprob) for token, logprob in sample["top_tokens"]]
+        assert len(top) == 10 and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+        pick = pick_choice(top, sample["completion"], ["A", "B", "C", "D"])
+        assert (sample["extracted"], sample["method"], sample["logprobs"]) == (pick.letter, pick.method, pick.scores)
         assert sample["correct"] == (sample["extracted"] == sample["gold"])
+    assert sum(metrics["choice_methods"].values()) == 4
 
 
 def test_a_killed_job_resumes_where_it_stopped(small_demo: Path, arith: Path, tmp_path: Path) -> None:
@@ -191,3 +198,44 @@ def test_a_prompt_longer_than_the_context_fails_before_generation(
     assert message.startswith(f"{bench}: problem 'long': its prompt is ")
     assert "plus max_new_tokens 24" in message and "over the model's context of 512 tokens" in message
     assert not (tmp_path / "out" / runner.PARTIAL).exists()
+
+
+def test_choice_prompt_is_upstreams_medical_prompt() -> None:
+    """eval/medeval/vllm_medical_test.py format_question_mmlu, and with `plain` nothing is wrapped around it."""
+    example = Example("0", "Which?", "B", ("one", "two", "three", "four"), "choice")
+    expected = "Question: Which?\n\nOptions:\nA. one\nB. two\nC. three\nD. four\n\nAnswer:"
+    assert runner.choice_prompt(example) == expected
+    assert runner.build_prompt(example, "plain", None) == expected
+
+
+def test_stop_words_are_upstreams() -> None:
+    assert {"<|im_end|>", "<|endoftext|>", "</s>"} <= set(runner.stop_words("alpaca"))
+    assert runner.stop_words("question_answer")[-1] == "\n\nQuestion:"
+    assert truncate_at_stop("x = 1 \n\nQuestion: next", runner.stop_words("question_answer")) == "x = 1"
+    assert truncate_at_stop("a</s>b<|im_end|>", UPSTREAM_STOP) == "a"
+    assert runner.adds_special_tokens("alpaca") and not runner.adds_special_tokens("chat")
+
+
+def test_transformers_generation_stops_at_stop_words(small_demo: Path) -> None:
+    """A text stop word cuts the completion before it; the special-token stop words stop generation by id."""
+    backend = TransformersBackend(small_demo / "model")
+    assert stop_token_ids(backend.tokenizer, UPSTREAM_STOP) == [
+        backend.tokenizer.convert_tokens_to_ids(t) for t in UPSTREAM_STOP if t in backend.tokenizer.get_vocab()
+    ]
+    prompt = [runner.render_prompt("What is 2 plus 3?", "alpaca")]
+    free = backend.generate(prompt, SamplingParams(max_new_tokens=24, stop=()))[0][0]
+    word = free.strip()[len(free.strip()) // 2 :][:3]
+    assert word.strip(), free
+    stopped = backend.generate(prompt, SamplingParams(max_new_tokens=24, stop=(word,)))[0][0]
+    assert stopped == free[: free.find(word)].rstrip()
+    assert word not in stopped
+
+
+def test_next_token_is_the_top_ten_likeliest_first(small_demo: Path) -> None:
+    backend = TransformersBackend(small_demo / "model")
+    prompt = "Question: Which?\n\nOptions:\nA. one\nB. two\n\nAnswer:"
+    (following,) = backend.next_token([prompt])
+    logprobs = [lp for _, lp in following.top]
+    assert len(following.top) == 10 and logprobs == sorted(logprobs, reverse=True)
+    greedy = backend.generate([prompt], SamplingParams(max_new_tokens=1, stop=()))[0][0]
+    assert following.text.rstrip() == greedy

@@ -263,3 +263,29 @@ def test_linear_parsers_find_what_the_quadratic_regexes_found() -> None:
         assert extraction.last_math_span(text) == (next(p for p in spans[-1] if p) if spans else None), text
         answers = OLD_GSM8K_ANSWER.findall(text)
         assert extraction.gsm8k_answer(text) == (answers[-1].replace(",", "").strip() if answers else None), text
+
+
+def test_pick_choice_reads_letters_among_the_top_tokens_as_upstream() -> None:
+    from asft.evaluation.grading import pick_choice
+
+    letters = ["A", "B", "C", "D"]
+    pick = pick_choice([(" B", -0.2), ("\n", -1.0), ("a", -2.0)], " B", letters)
+    assert (pick.letter, pick.method, pick.scores) == ("B", "top10", {"B": -0.2, "A": -2.0})
+    # "(A" and "A." are not letters once stripped; a later variant of a letter overwrites an earlier one (upstream
+    # keeps a dict keyed by letter), so " A" at -0.1 is replaced by "A" at -3.0 and B wins.
+    pick = pick_choice([(" A", -0.1), ("(A", -0.5), (" B", -1.0), ("A", -3.0), ("A.", -4.0)], " A", letters)
+    assert (pick.letter, pick.scores) == ("B", {"A": -3.0, "B": -1.0})
+
+
+def test_pick_choice_fallbacks_are_upstreams() -> None:
+    from asft.evaluation.grading import pick_choice
+
+    letters = ["A", "B", "C", "D"]
+    # No letter among the top tokens: the greedy text is searched for A, B, C, D in that order.
+    pick = pick_choice([(" The", -0.1), (" Based", -0.5)], " The", letters)
+    assert (pick.letter, pick.method, pick.scores) == ("A", "default", {})
+    pick = pick_choice([(" Cd", -0.1), (" x", -0.2)], " Cd", letters)
+    assert (pick.letter, pick.method) == ("C", "fallback_text")
+    pick = pick_choice([(" bad", -0.1)], " bad", letters)
+    assert (pick.letter, pick.method) == ("A", "fallback_text")  # "BAD" holds an A, checked first
+    assert pick_choice([(" E", -0.1)], " E", letters).letter == "A"  # only the benchmark's letters count

@@ -116,3 +116,38 @@ def test_lora_direct_matches_the_merged_model(small_demo: Path, tmp_path: Path) 
     assert completions(tmp_path / "peft_eval") == expected
     assert without_partial_characters(completions(tmp_path / "vllm")) == without_partial_characters(expected)
     assert completions(tmp_path / "base_eval") != expected
+
+
+def test_letter_scoring_vllm_matches_transformers(small_demo: Path, tmp_path: Path) -> None:
+    """Upstream's top-10 letter rule reads the same tokens, letters and methods from both backends."""
+    raw = tmp_path / "mmlu_raw.jsonl"
+    rows = [
+        {"subject": "anatomy", "question": f"Which number is {i}?", "choices": ["1", "2", "3", str(i)], "answer": 3}
+        for i in range(4, 10)
+    ]
+    raw.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bench = tmp_path / "mmlu.jsonl"
+    fetch_benchmark({"format": "mmlu_medical", "source": {"path": str(raw)}}, bench)
+    spec = {**_spec("vllm"), "benchmark": "mmlu", "format": "mmlu_medical", "template": "plain"}
+    # The runner itself, not the CLI, so this test needs only the evaluation stage's imports in that venv.
+    script = (
+        "import json, sys; from pathlib import Path; from asft.evaluation import runner; "
+        "runner.evaluate(Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3]), Path(sys.argv[4]))"
+    )
+    command = [str(vllm_python()), "-c", script, str(small_demo / "model"), str(bench), json.dumps(spec)]
+    command.append(str(tmp_path / "vllm"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runner.evaluate(small_demo / "model", bench, {**spec, "backend": "transformers"}, tmp_path / "hf")
+
+    def samples(out: Path) -> dict[str, dict]:
+        return {r["id"]: r for r in map(json.loads, (out / runner.SAMPLES).read_text().splitlines())}
+
+    vllm, hf = samples(tmp_path / "vllm"), samples(tmp_path / "hf")
+    assert vllm.keys() == hf.keys()
+    for key, ours in hf.items():
+        theirs = vllm[key]
+        assert (theirs["extracted"], theirs["method"]) == (ours["extracted"], ours["method"])
+        assert [t for t, _ in theirs["top_tokens"][:3]] == [t for t, _ in ours["top_tokens"][:3]]
+        assert theirs["top_tokens"][0][1] == pytest.approx(ours["top_tokens"][0][1], abs=1e-3)

@@ -1,6 +1,7 @@
 """Training data: instruction/response JSONL files and the prompt templates shared by training and evaluation.
 
-Training and evaluation must render prompts identically, so both go through `render_prompt`.
+Training and evaluation render prompts from the same templates. Upstream ASFT differs between the two in one
+place, which is kept: its evaluation alpaca prompt ends "### Response:\n", its training prompt "### Response:".
 """
 
 from __future__ import annotations
@@ -8,17 +9,26 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from asft.run_io import atomic_file
 
-# The upstream ASFT/DFT training template, verbatim.
+# Upstream ASFT training template, verbatim (zhuchichi56/ASFT train_v2.py PROMPT_DICT["prompt_no_input"]).
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:"
 )
+# Upstream evaluation's alpaca prompt (eval/math_evaluation/utils.py PROMPT_TEMPLATES["alpaca"]) adds a newline.
+ALPACA_EVAL_TEMPLATE = ALPACA_TEMPLATE + "\n"
+# Qwen2.5-Math evaluation's zero-shot "cot" prompt_type, "Question: {input}\nAnswer: " with the trailing space
+# removed by construct_prompt's `.strip(" ")`: the token-weighted SFT fork (doub7e/token-SFT) evaluates MATH-500
+# with it.
+QUESTION_ANSWER_TEMPLATE = "Question: {instruction}\nAnswer:"
 QWEN_MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-TEMPLATES = ("alpaca", "chat", "qwen_math_cot")
+# plain: the text as is (upstream's medical evaluation feeds its "Question: ... Answer:" text unwrapped).
+TEMPLATES = ("alpaca", "chat", "qwen_math_cot", "plain", "question_answer")
+TEXT_TEMPLATES = ("alpaca", "plain", "question_answer")  # rendered as text, not by a chat template
+Stage = Literal["train", "eval"]
 
 
 class DataFormatError(ValueError):
@@ -73,14 +83,21 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     return count
 
 
-def template_prompt(instruction: str, template: str) -> str | list[dict[str, str]]:
-    """The prompt for `instruction` under `template`: the one place templates are told apart.
+def template_prompt(instruction: str, template: str, stage: Stage = "train") -> str | list[dict[str, str]]:
+    """The prompt for `instruction` under `template` at `stage`: the one place templates are told apart.
 
-    Alpaca is plain text, the upstream template verbatim. Chat templates are conversation turns (a system turn
-    too for Qwen-math CoT) that the tokenizer's own chat template renders.
+    Text templates are upstream's verbatim (alpaca's evaluation form ends with a newline, its training form does
+    not, as upstream). Chat templates are conversation turns (a system turn too for Qwen-math CoT) that the
+    tokenizer's own chat template renders.
     """
+    if stage not in ("train", "eval"):
+        raise ValueError(f"unknown stage {stage!r}; expected 'train' or 'eval'")
     if template == "alpaca":
-        return ALPACA_TEMPLATE.format(instruction=instruction)
+        return (ALPACA_EVAL_TEMPLATE if stage == "eval" else ALPACA_TEMPLATE).format(instruction=instruction)
+    if template == "plain":
+        return instruction
+    if template == "question_answer":
+        return QUESTION_ANSWER_TEMPLATE.format(instruction=instruction)
     if template == "chat":
         return [{"role": "user", "content": instruction}]
     if template == "qwen_math_cot":
@@ -88,9 +105,9 @@ def template_prompt(instruction: str, template: str) -> str | list[dict[str, str
     raise ValueError(f"unknown template {template!r}; expected one of {TEMPLATES}")
 
 
-def render_prompt(instruction: str, template: str, tokenizer: Any = None) -> str:
-    """The exact prompt text a model sees for `instruction` under `template`."""
-    prompt = template_prompt(instruction, template)
+def render_prompt(instruction: str, template: str, tokenizer: Any = None, stage: Stage = "eval") -> str:
+    """The exact prompt text a model sees for `instruction` under `template` (by default at evaluation)."""
+    prompt = template_prompt(instruction, template, stage)
     if isinstance(prompt, str):
         return prompt
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -101,12 +118,13 @@ def render_prompt(instruction: str, template: str, tokenizer: Any = None) -> str
 def to_prompt_completion(record: dict[str, str], template: str) -> dict[str, Any]:
     """A TRL prompt/completion example: TRL masks the prompt and appends EOS to text completions.
 
-    A text prompt gets a space before the response, as upstream; a conversational one an assistant turn, which
-    TRL renders (and closes) with the tokenizer's own chat template.
+    A text prompt is followed directly by the response, so the trained text is upstream's prompt + response + EOS
+    (train_v2.py: `targets = f"{response}{eos_token}"`, `examples = s + t`); a conversational one gets an assistant
+    turn, which TRL renders (and closes) with the tokenizer's own chat template.
     """
-    prompt = template_prompt(record["instruction"], template)
+    prompt = template_prompt(record["instruction"], template, "train")
     if isinstance(prompt, str):
-        return {"prompt": prompt, "completion": " " + record["response"]}
+        return {"prompt": prompt, "completion": record["response"]}
     return {"prompt": prompt, "completion": [{"role": "assistant", "content": record["response"]}]}
 
 

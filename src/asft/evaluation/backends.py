@@ -14,9 +14,16 @@ from typing import Any
 import torch
 
 from asft.dtypes import loading_dtype
-from asft.evaluation.backend_interface import Backend, SamplingParams, letter_token_ids
+from asft.evaluation.backend_interface import (
+    CHOICE_TOP_K,
+    Backend,
+    NextToken,
+    SamplingParams,
+    stop_token_ids,
+    truncate_at_stop,
+)
 
-__all__ = ["Backend", "SamplingParams", "TransformersBackend", "letter_token_ids", "make_backend"]
+__all__ = ["Backend", "NextToken", "SamplingParams", "TransformersBackend", "make_backend"]
 
 
 class TransformersBackend:
@@ -59,16 +66,29 @@ class TransformersBackend:
             ids.append(self.tokenizer.eos_token_id)
         return ids
 
-    def _encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
+    def _encode(self, prompts: Sequence[str], add_special_tokens: bool = False) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
         return {k: v.to(self.model.device) for k, v in batch.items()}
 
+    def _decode(self, ids: torch.Tensor, end_ids: set[int], stop: Sequence[str]) -> str:
+        """One completion's text: up to its first end token (EOS or a special-token stop word, as vLLM stops on
+        them), special tokens skipped, then cut before the first stop word."""
+        tokens = ids.tolist()
+        end = next((i for i, token in enumerate(tokens) if token in end_ids), len(tokens))
+        return truncate_at_stop(self.tokenizer.decode(tokens[:end], skip_special_tokens=True), stop)
+
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams, add_special_tokens: bool = False
+    ) -> list[list[str]]:
+        end_ids = list(dict.fromkeys(self.eos_token_ids + stop_token_ids(self.tokenizer, params.stop)))
+        # Text stop words end a sequence early (saving its tokens); the decoded text is cut at them regardless.
+        text_stops = [w for w in params.stop if w and not stop_token_ids(self.tokenizer, [w])]
+        stopping = {"stop_strings": text_stops, "tokenizer": self.tokenizer} if text_stops else {}
         completions: list[list[str]] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]
-            batch = self._encode(chunk)
+            batch = self._encode(chunk, add_special_tokens)
             torch.manual_seed(params.seed + start)
             sampling = (
                 {"do_sample": False}
@@ -80,22 +100,27 @@ class TransformersBackend:
                 **sampling,
                 max_new_tokens=params.max_new_tokens,
                 num_return_sequences=params.n,
-                eos_token_id=self.eos_token_ids,
+                eos_token_id=end_ids,
                 pad_token_id=self.tokenizer.pad_token_id,
+                **stopping,
             )
-            texts = self.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            generated = output[:, batch["input_ids"].shape[1] :]
+            texts = [self._decode(row, set(end_ids), params.stop) for row in generated]
             completions.extend(texts[i * params.n : (i + 1) * params.n] for i in range(len(chunk)))
         return completions
 
     @torch.no_grad()
-    def choice_logprobs(self, prompts: Sequence[str], letters: Sequence[str]) -> list[dict[str, float]]:
-        ids = letter_token_ids(self.tokenizer, letters)
+    def next_token(
+        self, prompts: Sequence[str], k: int = CHOICE_TOP_K, add_special_tokens: bool = False
+    ) -> list[NextToken]:
         results = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = self._encode(prompts[start : start + self.batch_size])
+            batch = self._encode(prompts[start : start + self.batch_size], add_special_tokens)
             logits = self.model(**batch, logits_to_keep=1).logits[:, -1, :].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
-            results.extend({letter: float(row[token]) for letter, token in ids.items()} for row in logprobs)
+            values, indices = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            for row_values, row_ids in zip(values.tolist(), indices.tolist(), strict=True):
+                top = tuple((self.tokenizer.decode([t]), v) for t, v in zip(row_ids, row_values, strict=True))
+                results.append(NextToken(top, self.tokenizer.decode([row_ids[0]], skip_special_tokens=True)))
         return results
 
 

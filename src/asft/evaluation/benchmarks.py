@@ -3,7 +3,8 @@
 Formats (one JSON object per line; docs/ARCHITECTURE.md): math500, minerva_math, olympiadbench, aime24, amc23,
 gsm8k (math, graded with math-verify) and medqa, medmcqa, mmlu_medical (multiple choice, graded by letter).
 medqa and mmlu_medical also accept the Open Medical-LLM Leaderboard's nested layout (openlifescienceai/* on the
-hub), which is where pinned revisions of them are published.
+hub); mmlu_medical reads cais/mmlu rows ({"subject", "question", "choices", "answer": 0-3}), the layout of
+upstream's own test file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,24 @@ _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 # The longest problem text (question plus options) a benchmark may hold. Published problems run to a few thousand
 # characters; a far longer one is a broken file, and would only fail later, at generation, as an outsized tensor.
 MAX_QUESTION_CHARS = 100_000
+
+
+# Upstream ASFT's MMLU-medical: these 12 cais/mmlu subjects' test splits, 2,739 questions, in this order (its
+# eval/medeval/test_data/mmlu_medical_test.jsonl, commit fca898af3b2a57557a4c80ce3eaa426652c8e83b, counted).
+MMLU_MEDICAL_SUBJECTS: dict[str, int] = {
+    "anatomy": 135,
+    "clinical_knowledge": 265,
+    "college_biology": 144,
+    "college_chemistry": 100,
+    "college_medicine": 173,
+    "high_school_biology": 310,
+    "high_school_psychology": 545,
+    "human_aging": 223,
+    "medical_genetics": 100,
+    "nutrition": 306,
+    "professional_medicine": 272,
+    "virology": 166,
+}
 
 
 class BenchmarkFormatError(ValueError):

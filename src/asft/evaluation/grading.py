@@ -29,12 +29,14 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "MAX_COMPLETION_CHARS",
     "TEST_HOOK_ENV",
+    "ChoicePick",
     "GradeResult",
     "MathGrader",
     "Status",
     "extract_answer",
     "grade_choice",
     "grade_math_batch",
+    "pick_choice",
 ]
 
 STARTUP_S = 60.0  # a worker's interpreter start and math-verify import, on a loaded machine
@@ -236,3 +238,36 @@ def grade_math_batch(
 def grade_choice(predicted_letter: str | None, gold_letter: str) -> bool:
     """Letters compare case- and space-insensitively; no prediction is wrong."""
     return predicted_letter is not None and predicted_letter.strip().upper() == gold_letter.strip().upper()
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoicePick:
+    """The letter upstream's medical evaluation picks, how it got there, and the log-prob it kept per letter."""
+
+    letter: str
+    method: str  # "top10": a letter among the top tokens; "fallback_text": found in the greedy token's text;
+    # "default": neither, so the first letter (upstream answers "A")
+    scores: dict[str, float]
+
+
+def pick_choice(top: Sequence[tuple[str, float]], text: str, letters: Sequence[str]) -> ChoicePick:
+    """Upstream's letter rule (zhuchichi56/ASFT eval/medeval/vllm_medical_test.py, get_answer_from_logprobs).
+
+    Each of the top next tokens (likeliest first) that reads as a letter once stripped and upper-cased ("A", " A",
+    "a") records its log-prob for that letter, a later (less likely) variant overwriting an earlier one, as
+    upstream's dict does; the letter with the highest recorded log-prob wins. With no letter among them, the
+    greedy token's text is searched for the letters in order (`extract_answer_letter_fallback`), else "A".
+    """
+    allowed = tuple(letters)  # whole letters only: "AB" is not a letter of "ABCD"
+    scores: dict[str, float] = {}
+    for token, logprob in top:
+        key = token.strip().upper()
+        if key in allowed:
+            scores[key] = logprob
+    if scores:
+        return ChoicePick(max(scores, key=scores.__getitem__), "top10", scores)
+    upper = text.strip().upper()
+    for letter in allowed:
+        if letter in upper:
+            return ChoicePick(letter, "fallback_text", scores)
+    return ChoicePick(allowed[0], "default", scores)

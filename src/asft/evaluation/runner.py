@@ -17,10 +17,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from asft.data import render_prompt
+from asft.data import TEXT_TEMPLATES, render_prompt
+from asft.evaluation.backend_interface import CHOICE_TOP_K, UPSTREAM_STOP
 from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import BenchmarkFormatError, Example, load_normalized
-from asft.evaluation.grading import MathGrader, grade_choice
+from asft.evaluation.grading import MathGrader, grade_choice, pick_choice
 from asft.evaluation.metrics import summarize
 from asft.layout import METRICS, SAMPLES
 from asft.run_io import atomic_file, write_text_atomic
@@ -38,14 +39,27 @@ class PromptTooLongError(BenchmarkFormatError):
 
 
 def choice_prompt(example: Example) -> str:
-    """The multiple-choice text: "Question: …\\n\\nOptions:\\nA. …\\n\\nAnswer:"."""
-    options = "\n".join(f"{string.ascii_uppercase[i]}. {c}" for i, c in enumerate(example.choices or ()))
-    return f"Question: {example.question}\n\nOptions:\n{options}\n\nAnswer:"
+    """Upstream's multiple-choice text (eval/medeval/vllm_medical_test.py, format_question_*), verbatim:
+    "Question: <q>\\n\\nOptions:\\nA. <a>\\n…D. <d>\\n\\nAnswer:"."""
+    options = "".join(f"{string.ascii_uppercase[i]}. {c}\n" for i, c in enumerate(example.choices or ()))
+    return f"Question: {example.question}\n\nOptions:\n{options}\nAnswer:"
 
 
 def build_prompt(example: Example, template: str, tokenizer: Any) -> str:
     text = choice_prompt(example) if example.kind == "choice" else example.question
     return render_prompt(text, template, tokenizer)
+
+
+def stop_words(template: str) -> tuple[str, ...]:
+    """Upstream's stop words, plus "\\n\\nQuestion:" for the Question/Answer prompt (its "cot" prompt_type), where
+    a base model would otherwise go on to write the next question."""
+    return UPSTREAM_STOP + ("\n\nQuestion:",) if template == "question_answer" else UPSTREAM_STOP
+
+
+def adds_special_tokens(template: str) -> bool:
+    """Text prompts are tokenised with the tokenizer's own special tokens (a BOS where it adds one), as upstream
+    hands its text prompts to vLLM and as training tokenises them; a chat-template rendering holds its own."""
+    return template in TEXT_TEMPLATES
 
 
 def context_length(backend: Backend) -> int | None:
@@ -64,7 +78,12 @@ def context_length(backend: Backend) -> int | None:
 
 
 def check_context(
-    examples: Sequence[Example], prompts: Sequence[str], backend: Backend, new_tokens: int, benchmark: Path
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    backend: Backend,
+    new_tokens: int,
+    benchmark: Path,
+    add_special_tokens: bool = False,
 ) -> None:
     """Every prompt plus `new_tokens` must fit the model's context. All prompts are checked before anything is
     generated, so an oversized problem fails at once, by name, rather than as an outsized tensor (or a cut-off
@@ -72,8 +91,9 @@ def check_context(
     limit = context_length(backend)
     if limit is None:
         return
-    # Tokenised as the backends do it (no special tokens added to the rendered prompt).
-    lengths = [len(ids) for ids in backend.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]]
+    # Tokenised as the backends do it.
+    encoded = backend.tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+    lengths = [len(ids) for ids in encoded]
     too_long = [(ex, n) for ex, n in zip(examples, lengths, strict=True) if n + new_tokens > limit]
     if too_long:
         example, n = too_long[0]
@@ -116,14 +136,15 @@ def _run_math(
     partial: Path,
     done: set,
 ) -> None:
-    params = SamplingParams.from_spec(spec["sampling"])
+    params = SamplingParams.from_spec(spec["sampling"], stop_words(spec["template"]))
+    special = adds_special_tokens(spec["template"])
     todo = [i for i, ex in enumerate(examples) if any((ex.id, s) not in done for s in range(params.n))]
     batch_size = spec["batch_size"]
     with MathGrader(spec["grading_workers"], spec["grading_timeout_s"]) as grader:
         batches = range(0, len(todo), batch_size)
         for start in tqdm(batches, desc=f"generate {spec['benchmark']}", unit="batch", disable=not todo):
             indices = todo[start : start + batch_size]
-            _generate_and_grade(examples, prompts, backend, params, grader, indices, partial, done)
+            _generate_and_grade(examples, prompts, backend, params, grader, indices, partial, done, special)
             log.info("generated %d/%d problems", min(start + batch_size, len(todo)), len(todo))
 
 
@@ -136,9 +157,10 @@ def _generate_and_grade(
     indices: list[int],
     partial: Path,
     done: set,
+    add_special_tokens: bool = False,
 ) -> None:
     """One batch: generate, grade, and append the graded samples to the work file."""
-    completions = backend.generate([prompts[i] for i in indices], params)
+    completions = backend.generate([prompts[i] for i in indices], params, add_special_tokens=add_special_tokens)
     pairs, meta = [], []
     for i, samples in zip(indices, completions, strict=True):
         for sample_index, completion in enumerate(samples):
@@ -166,31 +188,46 @@ def _generate_and_grade(
 
 
 def _run_choice(
-    examples: Sequence[Example], prompts: Sequence[str], backend: Backend, partial: Path, done: set
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    backend: Backend,
+    partial: Path,
+    done: set,
+    add_special_tokens: bool = False,
 ) -> None:
+    """Upstream's scoring: the top-10 next tokens after each prompt, read by `pick_choice`; each sample records
+    the tokens, the letter and how it was found (`method`)."""
     todo = [i for i, ex in enumerate(examples) if (ex.id, 0) not in done]
-    letters_by_count: dict[int, list[int]] = {}
-    for i in todo:
-        letters_by_count.setdefault(len(examples[i].choices or ()), []).append(i)
-    for count, indices in letters_by_count.items():
-        letters = list(string.ascii_uppercase[:count])
-        scores = backend.choice_logprobs([prompts[i] for i in indices], letters)
-        records = []
-        for i, score in zip(indices, scores, strict=True):
-            predicted = max(score, key=score.get)
-            records.append(
-                {
-                    "id": examples[i].id,
-                    "sample": 0,
-                    "completion": predicted,
-                    "extracted": predicted,
-                    "gold": examples[i].gold,
-                    "correct": grade_choice(predicted, examples[i].gold),
-                    "status": "ok",
-                    "logprobs": score,
-                }
-            )
-        _append(partial, records)
+    if not todo:
+        return
+    nexts = backend.next_token([prompts[i] for i in todo], CHOICE_TOP_K, add_special_tokens=add_special_tokens)
+    records = []
+    for i, following in zip(todo, nexts, strict=True):
+        letters = list(string.ascii_uppercase[: len(examples[i].choices or ())])
+        pick = pick_choice(following.top, following.text, letters)
+        records.append(
+            {
+                "id": examples[i].id,
+                "sample": 0,
+                "completion": following.text,
+                "extracted": pick.letter,
+                "gold": examples[i].gold,
+                "correct": grade_choice(pick.letter, examples[i].gold),
+                "status": "ok",
+                "method": pick.method,
+                "logprobs": pick.scores,
+                "top_tokens": [[token, logprob] for token, logprob in following.top],
+            }
+        )
+    _append(partial, records)
+
+
+def _count_methods(records: Sequence[dict]) -> dict[str, int]:
+    """How many letters came from the top tokens, the fallback text, or the default (a sign of a bad prompt)."""
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record.get("method", "unknown")] = counts.get(record.get("method", "unknown"), 0) + 1
+    return counts
 
 
 def _discard_if_stale(partial: Path, key: dict) -> None:
@@ -231,7 +268,8 @@ def evaluate(
     kind = examples[0].kind  # load_normalized refuses a file without problems
     # A multiple-choice problem is scored from the next token's log-probabilities: one position past the prompt.
     new_tokens = SamplingParams.from_spec(spec["sampling"]).max_new_tokens if kind == "math" else 1
-    check_context(examples, prompts, backend, new_tokens, benchmark_path)
+    special = adds_special_tokens(spec["template"])
+    check_context(examples, prompts, backend, new_tokens, benchmark_path, special)
 
     partial = out_dir / PARTIAL
     adapter = None if adapter_dir is None else str(adapter_dir)
@@ -242,7 +280,7 @@ def evaluate(
     if done:
         log.info("resuming: %d samples already generated", len(done))
     if kind == "choice":
-        _run_choice(examples, prompts, backend, partial, done)
+        _run_choice(examples, prompts, backend, partial, done, special)
     else:
         _run_math(examples, prompts, backend, spec, partial, done)
 
@@ -261,7 +299,9 @@ def evaluate(
             "grading_errors": sum(r["status"] == "error" for r in records),
             "grading_truncated": sum(bool(r.get("truncated")) for r in records),
             "template": spec["template"],
-            "sampling": spec["sampling"] if kind == "math" else {"n": 1, "method": "letter-logprob"},
+            "sampling": spec["sampling"] if kind == "math" else {"n": 1, "method": f"top{CHOICE_TOP_K}-letter"},
+            "stop": list(stop_words(spec["template"])) if kind == "math" else [],
+            "choice_methods": _count_methods(records) if kind == "choice" else {},
             "backend": backend.name,
             "model_path": str(model_dir),
             "adapter_path": adapter,

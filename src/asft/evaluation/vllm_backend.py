@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from asft.evaluation.backend_interface import SamplingParams, letter_token_ids
+from asft.evaluation.backend_interface import (
+    CHOICE_TOP_K,
+    NextToken,
+    SamplingParams,
+    stop_token_ids,
+    truncate_at_stop,
+)
 
 
 def _visible_gpus() -> int:
@@ -78,7 +84,15 @@ class VLLMBackend:
         )
         self.tokenizer = self.llm.get_tokenizer()
 
-    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[list[str]]:
+    def _inputs(self, prompts: Sequence[str], add_special_tokens: bool) -> list[dict[str, list[int]]]:
+        """Token ids tokenised as the transformers backend does, so whether a BOS is added is our choice (vLLM
+        adds one to every text prompt, doubling the one a chat template already holds)."""
+        encoded = self.tokenizer(list(prompts), add_special_tokens=add_special_tokens)["input_ids"]
+        return [{"prompt_token_ids": ids} for ids in encoded]
+
+    def generate(
+        self, prompts: Sequence[str], params: SamplingParams, add_special_tokens: bool = False
+    ) -> list[list[str]]:
         from vllm import SamplingParams as VLLMSamplingParams
 
         sampling = VLLMSamplingParams(
@@ -88,20 +102,31 @@ class VLLMBackend:
             max_tokens=params.max_new_tokens,
             seed=params.seed,
             skip_special_tokens=True,
+            # As upstream: the stop words, and the ids of those that are special tokens (the text skips those).
+            stop=list(params.stop),
+            stop_token_ids=stop_token_ids(self.tokenizer, params.stop),
         )
-        outputs = self.llm.generate(list(prompts), sampling, use_tqdm=True, lora_request=self.lora_request)
-        return [[choice.text for choice in output.outputs] for output in outputs]
+        outputs = self.llm.generate(
+            self._inputs(prompts, add_special_tokens), sampling, use_tqdm=True, lora_request=self.lora_request
+        )
+        return [[truncate_at_stop(choice.text, params.stop) for choice in output.outputs] for output in outputs]
 
-    def choice_logprobs(self, prompts: Sequence[str], letters: Sequence[str]) -> list[dict[str, float]]:
+    def next_token(
+        self, prompts: Sequence[str], k: int = CHOICE_TOP_K, add_special_tokens: bool = False
+    ) -> list[NextToken]:
         from vllm import SamplingParams as VLLMSamplingParams
 
-        ids = letter_token_ids(self.tokenizer, letters)
-        sampling = VLLMSamplingParams(max_tokens=1, temperature=0.0, logprobs=20, allowed_token_ids=list(ids.values()))
-        outputs = self.llm.generate(list(prompts), sampling, use_tqdm=True, lora_request=self.lora_request)
+        # Upstream's medical evaluation: one greedy token with its top-10 log-probs, nothing constrained.
+        sampling = VLLMSamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, logprobs=k)
+        outputs = self.llm.generate(
+            self._inputs(prompts, add_special_tokens), sampling, use_tqdm=True, lora_request=self.lora_request
+        )
         results = []
         for output in outputs:
-            ranked: dict[int, Any] = output.outputs[0].logprobs[0]
-            results.append(
-                {letter: float(ranked[t].logprob) if t in ranked else float("-inf") for letter, t in ids.items()}
-            )
+            choice = output.outputs[0]
+            ranked = choice.logprobs[0] if choice.logprobs else {}
+            # vLLM adds the sampled token to the top k; greedy, it is the top-1 already, so k entries remain.
+            best = sorted(ranked.items(), key=lambda item: -item[1].logprob)[:k]
+            top = tuple((self.tokenizer.decode([token]), float(entry.logprob)) for token, entry in best)
+            results.append(NextToken(top, choice.text))
         return results
