@@ -386,7 +386,8 @@ def test_two_ranks_give_the_same_update_as_gradient_accumulation(
     ds_config = str(REPO / "config" / "deepspeed" / deepspeed) if deepspeed else None
     spec = _spec(config, "asft", gradient_accumulation_steps=2, num_processes=2, deepspeed=ds_config, **common)
     summary = _summary_of_ranks(model_dir, data, spec, ranks, tmp_path / "c2")
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["accelerator_count"] == 2
+    assert summary["global_batch_size"] == 8 and len(summary["host_peak_rss_gb"]) == 2
     if deepspeed:  # the real engine ran, not a silent fallback to DDP
         assert summary["distributed_type"] == "DEEPSPEED" and summary["zero_stage"] == int(deepspeed[4])
     else:
@@ -417,10 +418,24 @@ def test_a_killed_zero3_job_resumes_from_its_deepspeed_checkpoint(
     small_demo: Path, tmp_path: Path, config: dict
 ) -> None:
     """Rank 0 of a ZeRO-3 job is SIGKILLed after checkpoint-2: the job fails with no output; the restarted job
-    resumes from the sharded checkpoint (marked only once both ranks saved it) and its log continues."""
+    resumes from the sharded checkpoint (marked only once both ranks saved it) and its log continues. Its
+    snapshots (steps 1 and 3, one from each attempt) are whole models gathered from the shards, and the summary
+    has both ranks' resources."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
     deepspeed = str(REPO / "config" / "deepspeed" / "zero3.json")
     data, checkpoints = small_demo / "data/train.jsonl", tmp_path / "ckpt"
-    spec = _spec(config, "asft", num_processes=2, deepspeed=deepspeed, per_device_train_batch_size=2, max_steps=4)
+    spec = _spec(
+        config,
+        "asft",
+        num_processes=2,
+        deepspeed=deepspeed,
+        per_device_train_batch_size=2,
+        max_steps=4,
+        snapshot_steps=[1, 3],
+        learning_rate=1e-3,
+    )
     spec["training"]["finetune"] = "full"
     hook = "tests.test_training:kill_rank0_after_checkpoint_2"
     killed = _train_ranks(small_demo / "model", data, spec, tmp_path / "out", checkpoints, hook)
@@ -430,6 +445,16 @@ def test_a_killed_zero3_job_resumes_from_its_deepspeed_checkpoint(
     summary = _summary_of_ranks(small_demo / "model", data, spec, tmp_path / "out", checkpoints)
     assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_step"] == 4
     assert [r["step"] for r in _log(tmp_path / "out")] == [1, 2, 3, 4]
+    assert summary["resumed_from_step"] == 2 and summary["timing_scope"] == "last_attempt"
+    assert summary["accelerator_count"] == 2 and len(summary["host_peak_rss_gb"]) == 2
+    assert summary["snapshot_steps"] == [1, 3]
+    out = tmp_path / "out"
+    weights = [load_file(out / "snapshots" / f"step-{s}" / "model.safetensors") for s in (1, 3)]
+    weights.append(load_file(out / "model.safetensors"))
+    for a, b in ((weights[0], weights[1]), (weights[1], weights[2])):
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(w.numel() > 0 for w in weights[0].values())  # gathered, not ZeRO-3's empty placeholders
+    AutoModelForCausalLM.from_pretrained(out / "snapshots" / "step-1")
 
 
 def test_data_parallel_launch_and_device_check(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,15 +8,20 @@ resumes (`asft.checkpoints` decides which checkpoint belongs to it); the output 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
 from asft import checkpoints
+from asft.config_files import ConfigError
 from asft.layout import RUN_SPEC, TRAIN_LOG, TRAIN_SUMMARY
 from asft.test_hooks import load_hook
 
@@ -30,14 +35,17 @@ TEST_HOOK_ENV = "ASFT_TRAIN_TEST_HOOK"
 def start_run_files(tmp_dir: Path, checkpoint_dir: Path, spec: dict, fingerprint: str, resume: Path | None) -> None:
     """Main process only: record the spec, set other settings' checkpoints aside, cut the log to the resume point."""
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints.set_aside_stale(checkpoint_dir, fingerprint)
+    checkpoints.set_aside_stale(checkpoint_dir, fingerprint, spec["training"]["snapshot_steps"])
     (tmp_dir / RUN_SPEC).write_text(json.dumps(spec, indent=2, sort_keys=True))
     checkpoints.truncate_log(checkpoint_dir / TRAIN_LOG, checkpoints.checkpoint_step(resume) if resume else 0)
 
 
-def finish_run_files(tmp_dir: Path, checkpoint_dir: Path, summary: dict) -> None:
-    """Main process only: copy the log and write the summary into the output; drop the finished run's checkpoints,
-    which are no resume point for a later job."""
+def finish_run_files(
+    tmp_dir: Path, checkpoint_dir: Path, summary: dict, snapshot_steps: Collection[int] = (), fingerprint: str = ""
+) -> None:
+    """Main process only: move the snapshots, copy the log and write the summary into the output; drop the finished
+    run's checkpoints, which are no resume point for a later job."""
+    checkpoints.publish_snapshots(checkpoint_dir, tmp_dir, snapshot_steps, fingerprint)
     log_path = checkpoint_dir / TRAIN_LOG
     if not log_path.exists():
         log_path.touch()
@@ -95,3 +103,64 @@ class CheckpointFingerprintCallback(TrainerCallback):
             checkpoints.remove_stale(self.checkpoint_dir)
         if self.test_hook is not None:
             self.test_hook(state.global_step, checkpoint)
+
+
+class Snapshots(TrainerCallback):
+    """Keeps the model as it was at chosen optimizer steps (`training.snapshot_steps`), for evaluating them later.
+
+    Each is written by the Trainer's own `save_model` (every rank takes part, so ZeRO-3 gathers the shards) into
+    the checkpoint folder, where a killed job's snapshots survive (`asft.checkpoints`), and moved into the output
+    when the run finishes. The trainer calls `after_step` once a step has passed the divergence check, so no
+    snapshot holds a diverged model.
+    """
+
+    def __init__(self, checkpoint_dir: Path, fingerprint: str, steps: Collection[int]) -> None:
+        self.checkpoint_dir = checkpoint_dir
+        self.fingerprint = fingerprint
+        self.steps = frozenset(steps)
+        self._saved: set[int] = set()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The run's step count is known only now when it comes from epochs: refuse snapshots it never reaches."""
+        late = sorted(step for step in self.steps if step > state.max_steps)
+        if late:
+            raise ConfigError(
+                f"training.snapshot_steps: steps {late} are beyond this run's {state.max_steps} optimizer steps"
+            )
+
+    def after_step(self, trainer: Any, step: int) -> None:
+        # Trainer runs its per-step hook again at an epoch's end, for the same step.
+        if step not in self.steps or step in self._saved:
+            return
+        self._saved.add(step)
+        tmp = checkpoints.snapshot_tmp_path(self.checkpoint_dir, step)
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)  # a kill mid-save left it
+        trainer.save_model(str(tmp))  # every rank: ZeRO-3 gathers the shards; only the main process writes
+        if trainer.args.should_save:
+            checkpoints.mark_snapshot(self.checkpoint_dir, step, self.fingerprint)
+
+
+def rank_resources(device: torch.device) -> dict[str, Any]:
+    """This rank's peaks so far: GPU memory (null off a GPU, where there is none to measure) and host RSS, in GB."""
+    on_gpu = device.type == "cuda"
+    # ru_maxrss is KiB on Linux and bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return {
+        "device": torch.cuda.get_device_name(device) if on_gpu else device.type,
+        "gpu_peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None,
+        "gpu_peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if on_gpu else None,
+        "host_peak_rss_gb": rss / 1e9,
+    }
+
+
+def resource_summary(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """The summary's hardware fields (paper Table 4) from every rank's `rank_resources`, in rank order."""
+    on_gpu = per_rank[0]["gpu_peak_allocated_gb"] is not None
+    return {
+        "accelerator": per_rank[0]["device"] if on_gpu else "cpu",
+        "accelerator_count": len(per_rank),
+        "gpu_peak_allocated_gb": [r["gpu_peak_allocated_gb"] for r in per_rank] if on_gpu else None,
+        "gpu_peak_reserved_gb": [r["gpu_peak_reserved_gb"] for r in per_rank] if on_gpu else None,
+        "host_peak_rss_gb": [r["host_peak_rss_gb"] for r in per_rank],
+    }

@@ -19,7 +19,7 @@ from trl import SFTTrainer
 from asft.distributed import gathered_head, loss_in_head_module, prepare_reference_model
 from asft.divergence import check_finite_step
 from asft.losses import LossSpec, loss_from_hidden
-from asft.train_io import LOGGED_STATS
+from asft.train_io import LOGGED_STATS, Snapshots
 from asft.trl_compat import TrainerInternals
 
 
@@ -62,9 +62,13 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
         kl_log_every: int = 10,
         loss_scaling: str = "token",
         loss_chunk_size: int = 1024,
+        snapshots: Snapshots | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.snapshots = snapshots
+        if snapshots is not None:
+            self.add_callback(snapshots)
         self.loss_spec = loss_spec
         self.kl_log_every = kl_log_every
         self.loss_scaling = loss_scaling
@@ -86,12 +90,15 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
         return loss
 
     def check_step(self, grad_norm: Any) -> None:
-        """Stop on a non-finite step before it is logged or checkpointed, so the last checkpoint is good."""
+        """Stop on a non-finite step before it is logged or checkpointed, so the last checkpoint is good; then keep
+        a snapshot if this step is one, before its checkpoint, so a checkpoint implies its earlier snapshots."""
         loss_finite, step_loss = self._step_loss_finite, self._step_loss
         self._step_loss_finite = self._step_loss = None
         # An fp16 loss scaler skips overflowing steps by design (the norm is inf, the weights untouched).
         skipped = self.accelerator.optimizer_step_was_skipped
         check_finite_step(self.state.global_step, step_loss, loss_finite, None if skipped else grad_norm)
+        if self.snapshots is not None:
+            self.snapshots.after_step(self, self.state.global_step)
 
     def _logs_drift_now(self) -> bool:
         """Modes without an anchor still run the reference every `kl_log_every` steps, to log the drift."""

@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from transformers import TrainerCallback
 
 from asft import checkpoints
+from asft.config_checks import gradient_accumulation_steps
+from asft.config_files import ConfigError
 from asft.data import DataFormatError, read_instruction_jsonl, to_prompt_completion
 from asft.distributed import check_devices, configure_cpu_deepspeed, data_parallel_command, loss_in_head_module
 from asft.dtypes import training_dtype
@@ -29,7 +32,10 @@ from asft.train_io import (
     TEST_HOOK_ENV,
     CheckpointFingerprintCallback,
     JsonlLogCallback,
+    Snapshots,
     finish_run_files,
+    rank_resources,
+    resource_summary,
     start_run_files,
 )
 from asft.trainer import WeightedSFTTrainer, final_hidden_states
@@ -65,7 +71,12 @@ def _lora_config(settings: dict) -> Any:
 
 
 def _sft_config(
-    settings: dict, seed: int, checkpoint_dir: Path, dtype: torch.dtype, use_configured_state: bool = False
+    settings: dict,
+    seed: int,
+    checkpoint_dir: Path,
+    dtype: torch.dtype,
+    accumulation: int,
+    use_configured_state: bool = False,
 ) -> Any:
     from trl import SFTConfig
 
@@ -82,7 +93,7 @@ def _sft_config(
         num_train_epochs=settings["num_train_epochs"],
         max_steps=settings["max_steps"],
         per_device_train_batch_size=settings["per_device_train_batch_size"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        gradient_accumulation_steps=accumulation,
         activation_checkpointing=settings["gradient_checkpointing"],
         max_length=settings["max_length"],
         bf16=dtype == torch.bfloat16,
@@ -133,6 +144,32 @@ def check_dataset_size(data_path: Path, before: int, after: int, max_length: int
     return dropped
 
 
+def resolve_accumulation(settings: dict) -> int:
+    """The run's gradient accumulation steps (derived from global_batch_size when set), as validation resolved them.
+
+    With global_batch_size set the launched world must be the configured one, or the global batch would silently
+    differ from the configured one.
+    """
+    if settings.get("num_nodes", 1) > 1:
+        # Planned honestly (nodes, ZeRO-3 with offload) so the DAG and the GPU-hour plan are right, but refused
+        # here, before any model is loaded, rather than run as a single-node job with a different global batch.
+        raise ConfigError(
+            f"training.num_nodes: {settings['num_nodes']} nodes per run, but multi-node launching is not "
+            "implemented yet; this run cannot start (the rest of the workflow can: snakemake --keep-going)"
+        )
+    try:
+        accumulation = gradient_accumulation_steps(settings)
+    except ValueError as err:
+        raise ConfigError(f"training.global_batch_size: {err}") from err
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if settings["global_batch_size"] is not None and world != settings["num_processes"]:
+        raise ConfigError(
+            f"training.global_batch_size: {settings['global_batch_size']} was divided over num_processes "
+            f"{settings['num_processes']} ranks, but this job runs {world}"
+        )
+    return accumulation
+
+
 def train(
     model_dir: Path,
     data_path: Path,
@@ -146,10 +183,14 @@ def train(
     Checkpoints go to `checkpoint_dir`, outside the declared output; a restarted job resumes from the newest one
     written for the same settings (`asft.checkpoints`). The output is assembled in a sibling temp dir and renamed
     at the end, so a failed job leaves nothing that looks complete. `callbacks` are extra Trainer callbacks.
+    Snapshots at `training.snapshot_steps` are kept beside the checkpoints and moved into `out_dir/snapshots/`.
+    The summary records what paper Table 4 reports: wall time, accelerator, peak GPU and host memory per rank.
     """
     from datasets import Dataset
 
+    wall_started = time.perf_counter()  # the whole job's wall time, Table 4 of the paper
     settings = spec["training"]
+    accumulation = resolve_accumulation(settings)
     loss_spec = LossSpec.from_config(spec["loss"])
     records = read_instruction_jsonl(data_path)  # fail on bad data before loading any model
     if settings["max_samples"] is not None:
@@ -162,7 +203,8 @@ def train(
     # the distributed state itself is set up later, by the Trainer.
     is_main = int(os.environ.get("RANK", "0")) == 0
     fingerprint = checkpoints.run_fingerprint(spec, model_dir, data_path)
-    resume = checkpoints.resumable_checkpoint(checkpoint_dir, fingerprint)
+    snapshot_steps = sorted(settings["snapshot_steps"])
+    resume = checkpoints.resumable_checkpoint(checkpoint_dir, fingerprint, snapshot_steps)
     # On failure the output folder is removed; the checkpoints and the log stay for a resume.
     with atomic_dir(out_dir, publish=is_main) as tmp_dir:
         if is_main:
@@ -176,7 +218,7 @@ def train(
         use_configured_state = configure_cpu_deepspeed(settings["deepspeed"])
         trainer = WeightedSFTTrainer(
             model=model,
-            args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype, use_configured_state),
+            args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype, accumulation, use_configured_state),
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=_lora_config(settings) if lora else None,
@@ -190,6 +232,7 @@ def train(
             kl_log_every=settings["kl_log_every"],
             loss_scaling=settings["loss_scaling"],
             loss_chunk_size=settings["loss_chunk_size"],
+            snapshots=Snapshots(checkpoint_dir, fingerprint, snapshot_steps) if snapshot_steps else None,
         )
         dropped = check_dataset_size(data_path, len(dataset), len(trainer.train_dataset), settings["max_length"])
         if resume:
@@ -198,6 +241,7 @@ def train(
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         trainer.save_model(str(tmp_dir))  # every rank: ZeRO-3 gathers the shards; only the main process writes
         accelerator = trainer.accelerator
+        per_rank = gather_object([rank_resources(accelerator.device)])  # a collective: every rank, in rank order
         summary = {
             "finetune": settings["finetune"],
             "global_step": trainer.state.global_step,
@@ -210,10 +254,19 @@ def train(
             "world_size": accelerator.num_processes,
             "distributed_type": str(accelerator.distributed_type.value),  # NO, MULTI_GPU, DEEPSPEED, ...
             "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if trainer.is_deepspeed_enabled else None,
+            "gradient_accumulation_steps": accumulation,
+            "global_batch_size": settings["per_device_train_batch_size"] * accumulation * accelerator.num_processes,
+            "snapshot_steps": snapshot_steps,
+            "train_runtime_seconds": result.metrics.get("train_runtime"),
+            "resumed_from_step": checkpoints.checkpoint_step(resume) if resume else None,
+            # A resumed job cannot know how long its killed attempts ran: its times cover this attempt only.
+            "timing_scope": "last_attempt" if resume else "whole_run",
+            **resource_summary(per_rank),
         }
+        summary["wall_seconds"] = time.perf_counter() - wall_started
         if accelerator.is_main_process:
             tokenizer.save_pretrained(str(tmp_dir))
-            finish_run_files(tmp_dir, checkpoint_dir, summary)
+            finish_run_files(tmp_dir, checkpoint_dir, summary, snapshot_steps, fingerprint)
     accelerator.wait_for_everyone()
     # Tear the process group down before the interpreter does: left to exit, a gloo rank can abort in C++
     # ("terminate called without an active exception") after the run has finished.
