@@ -10,15 +10,44 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# Validates the config (reading the files it names relative to where snakemake was started) and plans the matrix.
 include: "workflow/rules/common.smk"
+
+
+# The smoke scale (asft.scale) runs the same DAG on embedded stand-ins: in its own directory, so that its
+# results, downloads and Snakemake state never mix with the real ones.
+if config["scale"] == "smoke":
+
+    workdir: "smoke"
+
+
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/paper.smk"
 
 
 rule all:
     default_target: True
     input:
         all_targets(),
+
+
+# `snakemake table1` (or table4, table5, fork, fig1 ... fig5): one of the paper's tables or figures and exactly
+# the jobs it needs; `snakemake paper`: all of them. Defined only with `catalogue: paper`.
+for _target in PAPER_TABLES + PAPER_FIGURES:
+
+    rule:
+        name:
+            _target
+        input:
+            paper_outputs([_target]),
+
+
+if PAPER_TABLES:
+
+    rule paper:
+        input:
+            paper_outputs(PAPER_TABLES + PAPER_FIGURES),

@@ -102,15 +102,17 @@ def test_demo_config_is_valid_and_filled(config: dict) -> None:
         ),
         (
             lambda c: c["datasets"]["arith"].update(source={"demo": "benchmarks/arith.jsonl"}),
-            "datasets.arith.source.demo: 'benchmarks/arith.jsonl' is not one of ['data/train.jsonl']",
+            "datasets.arith.source.demo: 'benchmarks/arith.jsonl' is not one of "
+            "['data/train.jsonl', 'data/choice_train.jsonl']",
         ),
         (
             lambda c: c["benchmarks"]["arith"].update(source={"demo": "model"}),
-            "benchmarks.arith.source.demo: 'model' is not one of ['benchmarks/arith.jsonl']",
+            "benchmarks.arith.source.demo: 'model' is not one of ['benchmarks/arith.jsonl', 'benchmarks/choice.jsonl']",
         ),
         (
             lambda c: c["benchmarks"]["arith"].update(source=[{"demo": "benchmarks/arith.jsonl"}, {"demo": "model"}]),
-            "benchmarks.arith.source[1].demo: 'model' is not one of ['benchmarks/arith.jsonl']",
+            "benchmarks.arith.source[1].demo: 'model' is not one of "
+            "['benchmarks/arith.jsonl', 'benchmarks/choice.jsonl']",
         ),
     ],
 )
@@ -204,6 +206,7 @@ def test_train_spec_has_no_evaluation_settings(config: dict) -> None:
         "keep_ratio": 0.7,
         "clip_mult": 3.0,
         "alpha": 1.0,
+        "sft_weight": 0.0,
     }
     assert "benchmarks" not in str(spec) and "sampling" not in str(spec)
 
@@ -477,3 +480,17 @@ def test_report_to_backends_must_be_installed(config: dict, monkeypatch: pytest.
         validate_config(config)
     training["report_to"] = ["none"]
     validate_config(config)
+
+
+def test_an_evaluation_template_other_than_the_training_one_must_be_allowed(config: dict) -> None:
+    evaluation = config["experiments"]["demo"]["evaluation"]
+    evaluation["template"] = "alpaca"  # the training template: nothing to allow
+    validate_config(config)
+    evaluation["template"] = "plain"
+    with pytest.raises(
+        ConfigError,
+        match=r"experiments\.demo\.evaluation\.template: 'plain' differs from training\.template 'alpaca'",
+    ):
+        validate_config(config)
+    evaluation["allow_template_mismatch"] = True
+    assert eval_spec(validate_config(config), "demo", "arith")["template"] == "plain"

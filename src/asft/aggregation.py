@@ -17,12 +17,21 @@ from asft.layout import RUN_SPEC, TRAIN_LOG
 BASE_LABEL = "base"
 
 
-def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
-    """One row per (run, benchmark) with the run's identity and its scores in percent."""
+def load_metrics(paths: Sequence[Path], identities: Sequence[dict] | None = None) -> pd.DataFrame:
+    """One row per (run, benchmark) with the run's identity and its scores in percent.
+
+    `identities` (parallel to `paths`) say what each evaluation is for this experiment, when it may be shared
+    with another (asft.sharing); without them the identity recorded in the metrics file is used. Evaluations of
+    intermediate snapshots (a `step`) are left out: the table is about the trained models.
+    """
+    if identities is not None and len(identities) != len(paths):
+        raise ValueError(f"{len(identities)} run identities for {len(paths)} metrics files")
     rows = []
-    for path in paths:
+    for index, path in enumerate(paths):
         metrics = json.loads(Path(path).read_text())
-        run = metrics.get("run", {})
+        run = metrics.get("run", {}) if identities is None else identities[index]
+        if run.get("step") is not None:
+            continue
         low, high = metrics.get("avg_ci", [None, None])
         rows.append(
             {
@@ -30,7 +39,7 @@ def load_metrics(paths: Sequence[Path]) -> pd.DataFrame:
                 "dataset": run.get("dataset", "-"),
                 "mode": run.get("mode_label", BASE_LABEL),
                 "seed": run.get("seed"),
-                "benchmark": metrics["benchmark"],
+                "benchmark": run.get("benchmark", metrics["benchmark"]),
                 "score": 100 * metrics["avg_at_n"],
                 "ci_low": None if low is None else 100 * low,
                 "ci_high": None if high is None else 100 * high,
@@ -117,13 +126,17 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_train_logs(train_dirs: Sequence[Path]) -> pd.DataFrame:
-    """Training log lines of each training output dir, labelled with the run id from its run spec."""
+def load_train_logs(train_dirs: Sequence[Path], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
+    """Training log lines of each training output dir, labelled with its run id (`run_ids`, parallel to the dirs,
+    else the one in its run spec)."""
     frames = []
-    for train_dir in train_dirs:
+    for index, train_dir in enumerate(train_dirs):
         path = Path(train_dir) / TRAIN_LOG
         spec_path = Path(train_dir) / RUN_SPEC
-        label = json.loads(spec_path.read_text())["run_id"] if spec_path.exists() else str(train_dir)
+        if run_ids is not None:
+            label = run_ids[index]
+        else:
+            label = json.loads(spec_path.read_text())["run_id"] if spec_path.exists() else str(train_dir)
         records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         if records:
             frame = pd.DataFrame(records)
@@ -171,14 +184,24 @@ def aggregate(
     table_dir: Path,
     plot_dir: Path,
     benchmarks: Sequence[str] | None = None,
+    eval_identities: Sequence[dict] | None = None,
+    train_identities: Sequence[dict] | None = None,
 ) -> pd.DataFrame:
-    """Write results.csv/.md, scores_long.csv, comparisons_vs_base.csv and training_curves.png; returns the table."""
-    long = load_metrics(metrics_paths)
+    """Write results.csv/.md, scores_long.csv, comparisons_vs_base.csv and training_curves.png; returns the table.
+
+    With identities (from the workflow) also the tidy records the paper's tables are built from (asft.records).
+    """
+    long = load_metrics(metrics_paths, eval_identities)
     table = results_table(long, benchmarks)
     table_dir.mkdir(parents=True, exist_ok=True)
     long.drop(columns="per_problem").to_csv(table_dir / "scores_long.csv", index=False)
     comparisons_vs_base(long).to_csv(table_dir / "comparisons_vs_base.csv", index=False, float_format="%.2f")
     table.to_csv(table_dir / "results.csv", index=False, float_format="%.2f")
     (table_dir / "results.md").write_text(to_markdown(table, f"{experiment}: accuracy (%)"))
-    plot_training_curves(load_train_logs(train_dirs), plot_dir / "training_curves.png", experiment)
+    run_ids = None if train_identities is None else [identity["run_id"] for identity in train_identities]
+    plot_training_curves(load_train_logs(train_dirs, run_ids), plot_dir / "training_curves.png", experiment)
+    if eval_identities is not None and train_identities is not None:
+        from asft.records import write_records
+
+        write_records(table_dir, eval_identities, metrics_paths, train_identities, train_dirs)
     return table

@@ -46,24 +46,56 @@ def _cmd_validate_config(args: argparse.Namespace) -> None:
         print(f"  {run.experiment}: {run.run_id}")
 
 
+def _cmd_plan(args: argparse.Namespace) -> None:
+    import yaml
+
+    from asft.config import ConfigError, read_config_file, validate_config
+    from asft.plan import Throughput, render
+
+    raw = read_config_file(args.config)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{args.config}: the top level must be a mapping")
+    for item in args.set:  # top-level overrides, parsed as YAML values like snakemake's --config
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        raw[key] = yaml.safe_load(value)
+    config = validate_config(raw, source=str(args.config))
+    rates = {"train_tflops": args.train_tflops, "eval_tflops": args.eval_tflops}
+    print(render(config, args.by, args.format, Throughput(**{k: v for k, v in rates.items() if v is not None})))
+
+
 def _cmd_fetch_model(args: argparse.Namespace) -> None:
     from asft.fetch import fetch_model
 
-    fetch_model(args.source, args.out, demo_dir=args.demo_dir)
+    fetch_model(args.source, args.out, demo_dir=args.demo_dir, lock=args.lock)
 
 
 def _cmd_fetch_dataset(args: argparse.Namespace) -> None:
     from asft.fetch import fetch_dataset
 
-    count = fetch_dataset(args.spec, args.out, demo_dir=args.demo_dir)
+    count = fetch_dataset(args.spec, args.out, demo_dir=args.demo_dir, lock=args.lock)
     logging.info("wrote %d records to %s", count, args.out)
 
 
 def _cmd_fetch_benchmark(args: argparse.Namespace) -> None:
     from asft.fetch import fetch_benchmark
 
-    count = fetch_benchmark(args.spec, args.out, demo_dir=args.demo_dir)
+    count = fetch_benchmark(args.spec, args.out, demo_dir=args.demo_dir, lock=args.lock)
     logging.info("wrote %d problems to %s", count, args.out)
+
+
+def _cmd_lock(args: argparse.Namespace) -> None:
+    from asft.config import load_config
+    from asft.source_lock import collect_lock, read_lock, write_lock
+
+    existing = read_lock(args.out)
+    entries, notes = collect_lock([load_config(c) for c in args.config], args.resources, existing, args.update)
+    for note in notes:
+        logging.warning("%s", note)
+    write_lock(args.out, entries)
+    changed = sorted(k for k in entries if existing.get(k) != entries[k])
+    logging.info("%s: %d entries, %d new or changed: %s", args.out, len(entries), len(changed), ", ".join(changed))
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -97,8 +129,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_aggregate(args: argparse.Namespace) -> None:
     from asft.aggregation import aggregate, to_markdown
 
-    table = aggregate(args.experiment, args.metrics, args.train_dirs, args.table_dir, args.plot_dir, args.benchmarks)
+    table = aggregate(
+        args.experiment,
+        args.metrics,
+        args.train_dirs,
+        args.table_dir,
+        args.plot_dir,
+        args.benchmarks,
+        eval_identities=args.runs,
+        train_identities=args.train_runs,
+    )
     print(to_markdown(table, f"{args.experiment}: accuracy (%)"))
+
+
+def _cmd_paper(args: argparse.Namespace) -> None:
+    from asft.paper.render import render_target
+
+    for path in render_target(args.name, args.records, args.out_dir):
+        print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", type=Path)
     p.set_defaults(func=_cmd_validate_config)
 
+    p = sub.add_parser("plan", help="count a config's jobs and estimate their GPU-hours, before submitting them")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="top-level override (repeatable)")
+    p.add_argument("--by", choices=["experiment", "table"], default="experiment", help="rows per experiment or target")
+    p.add_argument("--format", choices=["text", "csv"], default="text")
+    # defaults live in asft.plan, which is imported only when planning (it pulls in pandas)
+    p.add_argument("--train-tflops", type=float, help="achieved TFLOP/s per GPU (default: H100 peak x 30%% MFU)")
+    p.add_argument("--eval-tflops", type=float, help="achieved TFLOP/s per GPU (default: H100 peak x 10%%)")
+    p.set_defaults(func=_cmd_plan)
+
     for name, func, helptext in (
         ("fetch-model", _cmd_fetch_model, "materialise a model directory from its source"),
         ("fetch-dataset", _cmd_fetch_dataset, "write a training set as instruction/response JSONL"),
@@ -127,7 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--spec", type=_json_arg, required=True, help="JSON entry from the config")
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--demo-dir", type=Path, help="where `build-demo` wrote the demo artefacts")
+        p.add_argument(
+            "--lock",
+            type=_json_arg,
+            default=None,
+            help="JSON lock entry (benchmarks: one entry or null per source) from asft.source_lock.lock_for; "
+            "null = unlocked",
+        )
         p.set_defaults(func=func)
+
+    p = sub.add_parser("lock", help="pin the hub commits and file hashes that fetches resolved in a lock file")
+    p.add_argument("--config", type=Path, action="append", required=True, help="config file (repeatable)")
+    p.add_argument("--resources", type=Path, default=Path("resources"), help="where the fetches wrote")
+    p.add_argument("--out", type=Path, required=True, help="lock file, merged with its current entries")
+    p.add_argument("--update", action="store_true", help="allow changing an entry's locked commit or files")
+    p.set_defaults(func=_cmd_lock)
 
     p = sub.add_parser("train", help="train one run (LoRA adapter or full weights)")
     p.add_argument("--model", type=Path, required=True, help="base model directory")
@@ -161,7 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmarks", nargs="*", default=None, help="column order")
     p.add_argument("--table-dir", type=Path, required=True)
     p.add_argument("--plot-dir", type=Path, required=True)
+    p.add_argument(
+        "--runs", type=_json_arg, default=None, help="JSON list: what each --metrics file is for this experiment"
+    )
+    p.add_argument("--train-runs", type=_json_arg, default=None, help="JSON list parallel to --train-dirs")
     p.set_defaults(func=_cmd_aggregate)
+
+    p = sub.add_parser("paper", help="one table or figure of the paper, from the records of its experiments")
+    p.add_argument("--name", required=True, help="table1, table4, table5, fork, fig1 ... fig5")
+    p.add_argument("--records", type=Path, nargs="+", required=True, help="experiments' tables dirs (evals.jsonl ...)")
+    p.add_argument("--out-dir", type=Path, required=True)
+    p.set_defaults(func=_cmd_paper)
     return parser
 
 

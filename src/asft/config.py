@@ -111,14 +111,40 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict:
     Raises ConfigError naming `source` (the config file) and the offending key.
     """
     filled = copy.deepcopy(dict(config))
-    problems = [(list(e.absolute_path), _describe(e)) for e in _Validator(load_schema()).iter_errors(filled)]
+    schema = load_schema()
+    problems = [(list(e.absolute_path), _describe(e)) for e in _Validator(schema).iter_errors(filled)]
     # NaN passes every minimum/maximum (all comparisons are false) and inf passes most: refuse both by name.
     problems += [(path, f"{key_path(path)}: {value!r} is not a finite number") for path, value in non_finite(config)]
+    if not problems:
+        problems += _sweep_problems(filled, schema)
     if problems:
         lines = "\n  ".join(line for _, line in sorted(problems, key=lambda p: _sort_key(p[0])))
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
     check_references(filled, source)
+    if filled["scale"] != "full":
+        from asft.scale import apply_scale
+
+        filled = apply_scale(filled)
+        check_references(filled, f"{source} at scale {filled['scale']}")
     return filled
+
+
+def _sweep_problems(config: dict, schema: dict) -> list[tuple[list, str]]:
+    """Each swept value must be one the training key itself accepts: checked here, before any run is planned,
+    rather than when the run with that value starts."""
+    training_keys = schema["$defs"]["training"]["properties"]
+    problems = []
+    for exp_name, exp in config["experiments"].items():
+        for key, values in (exp.get("sweep") or {}).items():
+            path = ["experiments", exp_name, "sweep", key]
+            if key not in training_keys:
+                problems.append((path, f"{key_path(path)}: not a training key; known: {sorted(training_keys)}"))
+                continue
+            validator = jsonschema.Draft202012Validator(training_keys[key])
+            for index, value in enumerate(values):
+                for error in validator.iter_errors(value):
+                    problems.append((path + [index], f"{key_path(path + [index])}: {error.message}"))
+    return problems
 
 
 def _sort_key(path: Iterable[Any]) -> list[tuple[bool, Any]]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from asft.config_files import ConfigError
-from asft.matrix import resolve_sampling, runs_with_origins
+from asft.matrix import resolve_sampling, runs_with_origins, sweep_points
 
 
 def non_finite(value: Any, path: tuple = ()) -> Iterator[tuple[list, float]]:
@@ -46,15 +46,22 @@ def check_references(config: dict, source: str) -> None:
                     problems.append(
                         f"experiments.{exp_name}.{axis}[{index}]: unknown {axis[:-1]} {name!r} (defined: {known})"
                     )
-        if "kl_weights" in exp and not any(config["modes"].get(m, {}).get("kl_weight", 0) > 0 for m in exp["modes"]):
-            problems.append(
-                f"experiments.{exp_name}.kl_weights: set, but none of the experiment's modes has a KL anchor "
-                "(kl_weight > 0)"
-            )
+        for axis, key, anchor in (("kl_weights", "kl_weight", "a KL"), ("sft_weights", "sft_weight", "an SFT")):
+            if axis in exp and not any(config["modes"].get(m, {}).get(key, 0) > 0 for m in exp["modes"]):
+                problems.append(
+                    f"experiments.{exp_name}.{axis}: set, but none of the experiment's modes has {anchor} anchor "
+                    f"({key} > 0)"
+                )
         problems += _deepspeed_problems(exp_name, exp["training"])
         problems += _optimizer_problems(exp_name, exp["training"])
         problems += _scheduler_problems(exp_name, exp["training"])
         problems += _report_to_problems(exp_name, exp["training"])
+        # a swept key (global_batch_size, max_steps, ...) is checked at each of its values
+        for point in sweep_points(exp):
+            training = {**exp["training"], **dict(point)}
+            problems += _batch_problems(exp_name, training, point)
+            problems += _snapshot_problems(exp_name, training, point)
+        problems += _template_mismatch_problems(exp_name, exp["training"], exp["evaluation"])
         if exp["evaluation"]["lora_direct"] and exp["training"]["finetune"] != "lora":
             problems.append(
                 f"experiments.{exp_name}.evaluation.lora_direct: needs training.finetune: lora "
@@ -67,6 +74,18 @@ def check_references(config: dict, source: str) -> None:
     problems = list(dict.fromkeys(problems))  # a benchmark's own setting is reported once, not per experiment
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _template_mismatch_problems(exp_name: str, training: dict, evaluation: dict) -> list[str]:
+    """A model evaluated under another prompt format than it was trained on scores low for a reason that is not its
+    method, so that takes an explicit `allow_template_mismatch` (upstream's medical and fork evaluations do it)."""
+    wanted, trained = evaluation.get("template"), training.get("template")
+    if wanted is None or wanted == trained or evaluation.get("allow_template_mismatch", False):
+        return []
+    return [
+        f"experiments.{exp_name}.evaluation.template: {wanted!r} differs from training.template {trained!r}; set "
+        f"experiments.{exp_name}.evaluation.allow_template_mismatch: true if that is intended"
+    ]
 
 
 def _run_id_problems(config: dict, exp_name: str) -> list[str]:
@@ -245,3 +264,55 @@ def _deepspeed_problems(exp_name: str, training: dict) -> list[str]:
     except (OSError, json.JSONDecodeError) as err:
         return [f"{key}: cannot read {path}: {err}"]
     return []
+
+
+def gradient_accumulation_steps(training: Mapping[str, Any]) -> int:
+    """The accumulation steps a run trains with: derived from global_batch_size when that is set.
+
+    Pure, so validation and the train stage resolve the same number. Raises ValueError (naming the numbers, not
+    the key: callers prefix it) when global_batch_size does not divide into whole micro-batches per rank or
+    disagrees with an explicit gradient_accumulation_steps.
+    """
+    explicit = training.get("gradient_accumulation_steps")
+    global_batch = training.get("global_batch_size")
+    if global_batch is None:
+        return explicit or 1
+    per_device, processes = training["per_device_train_batch_size"], training["num_processes"]
+    nodes = training.get("num_nodes", 1)
+    ranks = f"num_processes {processes}" + (f" x num_nodes {nodes}" if nodes > 1 else "")
+    per_step = per_device * processes * nodes
+    if global_batch % per_step:
+        raise ValueError(
+            f"{global_batch} is not a multiple of per_device_train_batch_size {per_device} x {ranks} = {per_step}"
+        )
+    derived = global_batch // per_step
+    if explicit is not None and explicit != derived:
+        raise ValueError(
+            f"{global_batch} = per_device_train_batch_size {per_device} x {ranks} x {derived} "
+            f"accumulation steps, but gradient_accumulation_steps is {explicit}; set only one of them"
+        )
+    return derived
+
+
+def _at_point(point: tuple) -> str:
+    return "".join(f" (at sweep {key} = {value!r})" for key, value in point)
+
+
+def _batch_problems(exp_name: str, training: dict, point: tuple = ()) -> list[str]:
+    try:
+        gradient_accumulation_steps(training)
+    except ValueError as err:
+        return [f"experiments.{exp_name}.training.global_batch_size{_at_point(point)}: {err}"]
+    return []
+
+
+def _snapshot_problems(exp_name: str, training: dict, point: tuple = ()) -> list[str]:
+    """A snapshot after the last step would never be written; caught here when max_steps fixes the step count
+    (otherwise the train stage checks it against the steps the data gives, before the first step)."""
+    total = training["max_steps"]
+    late = [step for step in training["snapshot_steps"] if 0 < total < step]
+    if not late:
+        return []
+    return [
+        f"experiments.{exp_name}.training.snapshot_steps{_at_point(point)}: steps {late} are beyond max_steps {total}"
+    ]

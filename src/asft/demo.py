@@ -200,6 +200,46 @@ def pretrain(model, tokenizer, texts: list[str], steps: int, seed: int, batch_si
     return float(loss.detach())
 
 
+LETTERS = "ABCD"
+
+
+def choice_options(problem: Problem, rng: random.Random) -> tuple[list[int], int]:
+    """Four distinct numeric options, the answer among them at a random position: (options, answer index)."""
+    options = {problem.answer}
+    while len(options) < 4:
+        options.add(max(0, problem.answer + rng.choice([-3, -2, -1, 1, 2, 3, 10])))
+    ordered = sorted(options - {problem.answer})
+    rng.shuffle(ordered)
+    index = rng.randrange(4)
+    ordered.insert(index, problem.answer)
+    return ordered, index
+
+
+def write_choice_sets(out_dir: Path, train: list[Problem], test: list[Problem], seed: int) -> None:
+    """The multiple-choice stand-ins of the paper's medical data: training pairs in the appendix's format
+    (question, lettered options; explanation then "So the answer to this question is X") and a benchmark in
+    MedMCQA's row layout. A generator of their own, so the arithmetic files stay what they were."""
+    rng = random.Random(seed + 1)
+    records = []
+    for p in train:
+        options, index = choice_options(p, rng)
+        lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+        records.append(
+            {
+                "instruction": f"{p.question}\n{lines}",
+                "response": f"We compute {p.equation}. So the answer to this question is {LETTERS[index]}",
+            }
+        )
+    write_jsonl(out_dir / "data" / "choice_train.jsonl", records)
+    rows = []
+    for i, p in enumerate(test):
+        options, index = choice_options(p, rng)
+        row = {"id": f"choice/{i}", "question": p.question, "cop": index, "exp": p.equation}
+        row.update({key: str(o) for key, o in zip(("opa", "opb", "opc", "opd"), options, strict=True)})
+        rows.append(row)
+    write_jsonl(out_dir / "benchmarks" / "choice.jsonl", rows)
+
+
 def build_demo(
     out_dir: Path,
     *,
@@ -210,7 +250,8 @@ def build_demo(
     pretrain_steps: int = 800,
     vocab_size: int = 640,
 ) -> dict:
-    """Write model/, data/train.jsonl and benchmarks/arith.jsonl (MATH-500 format) under `out_dir`."""
+    """Write model/, data/train.jsonl, benchmarks/arith.jsonl (MATH-500 format) and the multiple-choice
+    stand-ins data/choice_train.jsonl and benchmarks/choice.jsonl (MedMCQA format) under `out_dir`."""
     from transformers import GenerationConfig
 
     started = time.perf_counter()
@@ -237,6 +278,8 @@ def build_demo(
             for i, p in enumerate(test)
         ),
     )
+
+    write_choice_sets(out_dir, train, test, seed)
 
     tokenizer = train_tokenizer(texts + [p.boxed_response() for p in train], vocab_size)
     model = build_model(len(tokenizer), seed)

@@ -22,6 +22,10 @@ SAMPLES = "samples.jsonl"
 # Files of an experiment's aggregation (`tables_dir`, `plots_dir`).
 RESULTS_CSV = "results.csv"
 RESULTS_MD = "results.md"
+# the tidy records asft.paper builds the paper's tables from (asft.records)
+EVAL_RECORDS = "evals.jsonl"
+TRAIN_RECORDS = "trains.jsonl"
+CURVE_RECORDS = "curves.jsonl"
 TRAINING_CURVES = "training_curves.png"
 
 # Files of the demo build (`DEMO_DIR`): the manifest is written last, so it marks a finished build.
@@ -54,6 +58,11 @@ def benchmark_file(benchmark: str) -> str:
     return f"{RESOURCES}/benchmarks/{benchmark}.jsonl"
 
 
+def sidecar_file(jsonl: str) -> str:
+    """What a dataset or benchmark fetch resolved (commits, sha256s), beside its JSONL (asft.source_lock)."""
+    return jsonl.removesuffix(".jsonl") + ".source.json"
+
+
 # --- results/ ---------------------------------------------------------------------------------------------------
 
 
@@ -80,6 +89,16 @@ def eval_dir(experiment: str, run_id: str, benchmark: str) -> str:
     return f"{run_dir(experiment, run_id)}/eval/{benchmark}"
 
 
+def snapshot_eval_dir(experiment: str, run_id: str, step: int | str, benchmark: str) -> str:
+    """A run's intermediate snapshot (training.snapshot_steps) on a benchmark: the paper's Figure 1."""
+    return f"{run_dir(experiment, run_id)}/eval-step{step}/{benchmark}"
+
+
+def snapshot_dir(train_dir: str, step: int | str) -> str:
+    """The weights (or adapter) a run had after `step` optimizer steps, kept inside its training output."""
+    return f"{train_dir}/snapshots/step-{step}"
+
+
 def base_eval_dir(experiment: str, model: str, benchmark: str) -> str:
     """The untuned model on a benchmark: the row every run is compared against."""
     return f"{RESULTS}/{experiment}/base/{model}/eval/{benchmark}"
@@ -91,6 +110,17 @@ def tables_dir(experiment: str) -> str:
 
 def plots_dir(experiment: str) -> str:
     return f"{RESULTS}/{experiment}/plots"
+
+
+def paper_table_files(name: str) -> dict[str, str]:
+    """A paper table in the paper's layout (asft.paper): long-form CSV, Markdown, LaTeX, and its caption."""
+    stem = f"{RESULTS}/paper/tables/{name}"
+    return {"csv": f"{stem}.csv", "md": f"{stem}.md", "tex": f"{stem}.tex", "caption": f"{stem}.caption.rst"}
+
+
+def paper_figure_files(name: str) -> dict[str, str]:
+    stem = f"{RESULTS}/paper/figures/{name}"
+    return {"png": f"{stem}.png", "caption": f"{stem}.caption.rst"}
 
 
 # --- logs/ (one per job, named like the job's output) -----------------------------------------------------------
@@ -115,12 +145,20 @@ def eval_job_log(experiment: str, run_id: str, benchmark: str) -> str:
     return f"{LOGS}/{experiment}/evaluate/{run_id}/{benchmark}.log"
 
 
+def snapshot_eval_job_log(experiment: str, run_id: str, step: int | str, benchmark: str) -> str:
+    return f"{LOGS}/{experiment}/evaluate/{run_id}/step{step}/{benchmark}.log"
+
+
 def base_eval_job_log(experiment: str, model: str, benchmark: str) -> str:
     return f"{LOGS}/{experiment}/evaluate/{model}/base/{benchmark}.log"
 
 
 def aggregate_job_log(experiment: str) -> str:
     return f"{LOGS}/{experiment}/aggregate.log"
+
+
+def paper_job_log(name: str) -> str:
+    return f"{LOGS}/paper/{name}.log"
 
 
 # --- the rules' patterns: the functions above filled with wildcard placeholders ----------------------------------
@@ -130,6 +168,7 @@ RUN_WILDCARDS = run_dir("{experiment}", RUN_ID_WILDCARDS)
 TRAIN_WILDCARDS = train_dir("{experiment}", RUN_ID_WILDCARDS)
 MERGED_WILDCARDS = merged_dir("{experiment}", RUN_ID_WILDCARDS)
 EVAL_WILDCARDS = eval_dir("{experiment}", RUN_ID_WILDCARDS, "{benchmark}")
+SNAPSHOT_EVAL_WILDCARDS = snapshot_eval_dir("{experiment}", RUN_ID_WILDCARDS, "{step}", "{benchmark}")
 BASE_EVAL_WILDCARDS = base_eval_dir("{experiment}", "{model}", "{benchmark}")
 TABLES_WILDCARDS = tables_dir("{experiment}")
 PLOTS_WILDCARDS = plots_dir("{experiment}")
@@ -137,6 +176,8 @@ PLOTS_WILDCARDS = plots_dir("{experiment}")
 MODEL_WILDCARDS = model_dir("{model}")
 DATASET_WILDCARDS = dataset_file("{dataset}")
 BENCHMARK_WILDCARDS = benchmark_file("{benchmark}")
+DATASET_SIDECAR_WILDCARDS = sidecar_file(DATASET_WILDCARDS)
+BENCHMARK_SIDECAR_WILDCARDS = sidecar_file(BENCHMARK_WILDCARDS)
 
 FETCH_MODEL_LOG_WILDCARDS = fetch_job_log("model", "{model}")
 FETCH_DATASET_LOG_WILDCARDS = fetch_job_log("dataset", "{dataset}")
@@ -144,5 +185,6 @@ FETCH_BENCHMARK_LOG_WILDCARDS = fetch_job_log("benchmark", "{benchmark}")
 TRAIN_LOG_WILDCARDS = train_job_log("{experiment}", RUN_ID_WILDCARDS)
 MERGE_LOG_WILDCARDS = merge_job_log("{experiment}", RUN_ID_WILDCARDS)
 EVAL_LOG_WILDCARDS = eval_job_log("{experiment}", RUN_ID_WILDCARDS, "{benchmark}")
+SNAPSHOT_EVAL_LOG_WILDCARDS = snapshot_eval_job_log("{experiment}", RUN_ID_WILDCARDS, "{step}", "{benchmark}")
 BASE_EVAL_LOG_WILDCARDS = base_eval_job_log("{experiment}", "{model}", "{benchmark}")
 AGGREGATE_LOG_WILDCARDS = aggregate_job_log("{experiment}")

@@ -1,10 +1,11 @@
 """Token-weighted SFT and anchored SFT (ASFT): the losses as the paper defines them.
 
-    Loss = Σ_t w_t·CE_t / N + λ·Σ_t KL_t / N
+    Loss = Σ_t (w_t + α)·CE_t / N + λ·Σ_t KL_t / N
 
 CE_t = −log p_θ(y_t) at every target position t; w_t a detached per-token weight (DFT: w_t = p_θ(y_t)); KL_t the
 anchor, a divergence from the frozen reference π_ref over the full vocabulary (the paper's KL(π_ref ‖ π_θ)) with
-weight λ = kl_weight; N the target-token count of the whole optimizer step when the trainer passes it, so gradient
+weight λ = kl_weight; α = sft_weight an SFT anchor (the paper's Figure 4 ablation L = L_DFT + α·L_SFT, which
+needs no reference model); N the target-token count of the whole optimizer step when the trainer passes it, so gradient
 accumulation and world size do not change the result. The README's "Losses" table lists the modes.
 
 `loss_from_logits` is that definition in plain autograd on full [B, T, V] logits. Training uses
@@ -63,6 +64,7 @@ class LossSpec:
     keep_ratio: float = 0.7
     clip_mult: float = 3.0
     alpha: float = 1.0
+    sft_weight: float = 0.0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LossSpec:
@@ -87,6 +89,7 @@ class LossSpec:
             "keep_ratio": (lambda x: 0 < x <= 1, "in (0, 1]"),
             "clip_mult": (lambda x: x > 0, "> 0"),
             "alpha": (lambda x: x >= 0, ">= 0"),
+            "sft_weight": (lambda x: x >= 0, ">= 0"),
         }
         for name, (ok, rule) in checks.items():
             value = getattr(self, name)
@@ -166,10 +169,14 @@ def register_weighting(
 
 
 def token_weights(ce: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
-    """Detached weights for target tokens with cross-entropies `ce` (the whole batch, or a per-token chunk)."""
+    """Detached weights for target tokens with cross-entropies `ce` (the whole batch, or a per-token chunk).
+
+    The SFT anchor adds α to every token's weight: Σ (w_t + α)·CE_t is the weighted loss plus α times SFT's.
+    """
     with torch.no_grad():
         ce = ce.detach()
-        return WEIGHTINGS[spec.weighting].fn(ce, torch.exp(-ce), None if ref_p is None else ref_p.detach(), spec)
+        weights = WEIGHTINGS[spec.weighting].fn(ce, torch.exp(-ce), None if ref_p is None else ref_p.detach(), spec)
+        return weights + spec.sft_weight if spec.sft_weight else weights
 
 
 # --- anchors KL_t -------------------------------------------------------------------------------------------------

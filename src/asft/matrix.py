@@ -22,6 +22,16 @@ SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Estimates that only `asft plan` reads (sizes, parameter counts); no result depends on them, so they are left out
+# of every job's params and sharing key: correcting an estimate reruns nothing.
+PLANNING_KEYS = frozenset({"parameters_b", "examples", "mean_tokens", "problems", "mean_prompt_tokens"})
+
+
+def without_planning(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A model, dataset or benchmark entry as the jobs see it: without the planning estimates."""
+    return {key: value for key, value in entry.items() if key not in PLANNING_KEYS}
+
+
 @dataclass(frozen=True, order=True)
 class Run:
     """One training run of the matrix; its id doubles as its results path."""
@@ -32,10 +42,14 @@ class Run:
     mode: str
     kl_weight: float
     seed: int
+    sft_weight: float = 0.0
+    # Swept training keys and this run's values, in the experiment's `sweep` order.
+    sweep: tuple[tuple[str, Any], ...] = ()
 
     @property
     def mode_label(self) -> str:
-        return mode_label(self.mode, self.kl_weight)
+        """The loss with its anchor weights, then any swept training values: the run id's third part."""
+        return mode_label(self.mode, self.kl_weight, self.sft_weight) + sweep_label(self.sweep)
 
     @property
     def run_id(self) -> str:
@@ -46,9 +60,38 @@ class Run:
         return layout.run_dir(self.experiment, self.run_id)
 
 
-def mode_label(mode: str, kl_weight: float) -> str:
-    """`asft-kl0.05` for anchored modes, the bare mode name otherwise: stable and readable."""
-    return f"{mode}-kl{kl_weight:g}" if kl_weight > 0 else mode
+def mode_label(mode: str, kl_weight: float, sft_weight: float = 0.0) -> str:
+    """`asft-kl0.05` for KL-anchored modes, `asft-sft-sft0.1` for SFT-anchored ones, the bare mode name
+    otherwise: stable and readable."""
+    label = f"{mode}-kl{kl_weight:g}" if kl_weight > 0 else mode
+    return f"{label}-sft{sft_weight:g}" if sft_weight > 0 else label
+
+
+def sweep_label(sweep: tuple[tuple[str, Any], ...]) -> str:
+    """`_learning_rate1e-05_global_batch_size64`: each swept training key with its value ('' when none)."""
+    return "".join(f"_{key}{value:g}" if _is_number(value) else f"_{key}-{value}" for key, value in sweep)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def sweep_points(exp: Mapping[str, Any]) -> list[tuple[tuple[str, Any], ...]]:
+    """The experiment's `sweep` as the cross product of its keys' values; [()] when it sweeps nothing."""
+    points: list[tuple[tuple[str, Any], ...]] = [()]
+    for key, values in (exp.get("sweep") or {}).items():
+        points = [point + ((key, value),) for point in points for value in values]
+    return points
+
+
+def run_training(config: Mapping[str, Any], run: Run) -> dict:
+    """The experiment's training settings with the run's swept values in place, and the accumulation steps
+    resolved (from global_batch_size where set), so that equal batches give equal specs."""
+    from asft.config_checks import gradient_accumulation_steps
+
+    training = {**config["experiments"][run.experiment]["training"], **dict(run.sweep)}
+    training["gradient_accumulation_steps"] = gradient_accumulation_steps(training)
+    return training
 
 
 def iter_runs(config: Mapping[str, Any], experiment: str | None = None) -> Iterator[Run]:
@@ -65,17 +108,27 @@ def runs_with_origins(config: Mapping[str, Any], exp_name: str) -> Iterator[tupl
     for model in exp["models"]:
         for dataset in exp["datasets"]:
             for mode_index, mode in enumerate(exp["modes"]):
-                own_kl = float(config["modes"][mode].get("kl_weight", 0.0))
-                if own_kl > 0 and "kl_weights" in exp:
-                    kls = [
-                        (float(kl), f"modes[{mode_index}] {mode!r} with kl_weights[{i}] = {kl!r}")
-                        for i, kl in enumerate(exp["kl_weights"])
-                    ]
-                else:
-                    kls = [(own_kl, f"modes[{mode_index}] {mode!r}" + (f" (kl_weight {own_kl!r})" if own_kl else ""))]
-                for kl, origin in kls:
-                    for seed in exp["seeds"]:
-                        yield Run(exp_name, model, dataset, mode, kl, int(seed)), origin
+                for kl, sft, origin in _anchor_weights(config, exp, mode_index, mode):
+                    for point in sweep_points(exp):
+                        for seed in exp["seeds"]:
+                            yield Run(exp_name, model, dataset, mode, kl, int(seed), sft, point), origin
+
+
+def _anchor_weights(
+    config: Mapping[str, Any], exp: Mapping[str, Any], mode_index: int, mode: str
+) -> list[tuple[float, float, str]]:
+    """(kl_weight, sft_weight, origin) per run of one mode: `kl_weights` sweeps modes with a KL anchor,
+    `sft_weights` modes with an SFT anchor, and a mode without either keeps its own row."""
+    row = config["modes"][mode]
+    own_kl, own_sft = float(row.get("kl_weight", 0.0)), float(row.get("sft_weight", 0.0))
+    where = f"modes[{mode_index}] {mode!r}"
+    kls = [(own_kl, where + (f" (kl_weight {own_kl!r})" if own_kl else ""))]
+    if own_kl > 0 and "kl_weights" in exp:
+        kls = [(float(kl), f"{where} with kl_weights[{i}] = {kl!r}") for i, kl in enumerate(exp["kl_weights"])]
+    sfts = [(own_sft, "")]
+    if own_sft > 0 and "sft_weights" in exp:
+        sfts = [(float(a), f" with sft_weights[{i}] = {a!r}") for i, a in enumerate(exp["sft_weights"])]
+    return [(kl, sft, kl_origin + sft_origin) for kl, kl_origin in kls for sft, sft_origin in sfts]
 
 
 RunsById = dict[tuple[str, str], Run]
@@ -112,6 +165,8 @@ def run_identity(run: Run) -> dict[str, Any]:
         "mode": run.mode,
         "mode_label": run.mode_label,
         "kl_weight": run.kl_weight,
+        "sft_weight": run.sft_weight,
+        "sweep": dict(run.sweep),
         "seed": run.seed,
     }
 
@@ -122,22 +177,22 @@ def base_identity(experiment: str, model: str) -> dict[str, Any]:
 
 
 def loss_config(config: Mapping[str, Any], run: Run) -> dict:
-    """The mode row with the run's (possibly swept) KL weight."""
+    """The mode row with the run's (possibly swept) anchor weights."""
     row = dict(config["modes"][run.mode])
     row["kl_weight"] = run.kl_weight
+    row["sft_weight"] = run.sft_weight
     return row
 
 
 def train_spec(config: Mapping[str, Any], run: Run) -> dict:
     """Everything that determines a training run's result, and nothing else (no benchmarks, no eval settings)."""
-    exp = config["experiments"][run.experiment]
     return {
         "run_id": run.run_id,
         "mode": run.mode,
         "loss": loss_config(config, run),
         "seed": run.seed,
-        "training": exp["training"],
-        "dataset": {k: v for k, v in config["datasets"][run.dataset].items() if k != "source"},
+        "training": run_training(config, run),
+        "dataset": {k: v for k, v in without_planning(config["datasets"][run.dataset]).items() if k != "source"},
     }
 
 

@@ -23,6 +23,10 @@ from asft.config import (
     train_spec,
     validate_config,
 )
+from asft.matrix import without_planning
+from asft.records import metrics_path
+from asft.source_lock import lock_for, read_lock
+from asft.sharing import SharedWork, table_identity
 
 _config_source = ", ".join(str(f) for f in workflow.configfiles) or "config"
 try:
@@ -35,8 +39,30 @@ except ConfigError as err:
 config.clear()
 config.update(_validated)
 
-RUNS = {exp: list(iter_runs(config, exp)) for exp in config["experiments"]}
 RUNS_BY_ID = runs_by_id(config)
+# Runs and evaluations that several experiments define identically are done once (asft.sharing).
+SHARED = SharedWork(config)
+# The paper's tables and figures (asft.paper), planned only for `catalogue: paper`.
+if config["catalogue"] == "paper":
+    from asft.paper.targets import (
+        check_catalogue,
+        experiments_of,
+        is_table,
+        report_caption,
+        target_names,
+    )
+
+    try:
+        check_catalogue(config, _config_source)
+    except ConfigError as err:
+        raise WorkflowError(str(err)) from None
+    PAPER_TABLES = [name for name in target_names() if is_table(name)]
+    PAPER_FIGURES = [name for name in target_names() if not is_table(name)]
+else:
+    PAPER_TABLES, PAPER_FIGURES = [], []
+
+# Hub commits and file hashes the fetches must reproduce (`asft lock` writes them); {} without a lock file.
+LOCK_ENTRIES = read_lock(config.get("source_lock"))
 
 
 wildcard_constraints:
@@ -46,6 +72,7 @@ wildcard_constraints:
     benchmark=r"[^/]+",
     mode_label=r"[^/]+",
     seed=r"\d+",
+    step=r"\d+",
 
 
 # --- the matrix ---------------------------------------------------------------------------------------------------
@@ -99,11 +126,27 @@ def model_source_params(wildcards) -> str:
 
 
 def dataset_params(wildcards) -> str:
-    return canonical_json(config["datasets"][wildcards.dataset])
+    return canonical_json(without_planning(config["datasets"][wildcards.dataset]))
 
 
 def benchmark_params(wildcards) -> str:
-    return canonical_json(config["benchmarks"][wildcards.benchmark])
+    return canonical_json(without_planning(config["benchmarks"][wildcards.benchmark]))
+
+
+# The lock entries are params, so changing the lock reruns exactly the fetches it affects.
+
+
+def model_lock_params(wildcards) -> str:
+    return canonical_json(lock_for(LOCK_ENTRIES, "models", wildcards.model))
+
+
+def dataset_lock_params(wildcards) -> str:
+    return canonical_json(lock_for(LOCK_ENTRIES, "datasets", wildcards.dataset))
+
+
+def benchmark_lock_params(wildcards) -> str:
+    sources = len(source_list(config["benchmarks"][wildcards.benchmark]))
+    return canonical_json(lock_for(LOCK_ENTRIES, "benchmarks", wildcards.benchmark, sources))
 
 
 # --- train and merge ------------------------------------------------------------------------------------------------
@@ -131,19 +174,48 @@ def merge_remote_code_flag(wildcards) -> str:
 
 def evaluated_model(wildcards) -> str:
     """Merged weights for LoRA runs (the base model when the adapter is applied directly); full fine-tunes are
-    evaluated straight from the training output."""
-    if lora_direct(wildcards.experiment):
-        return layout.model_dir(wildcards.model)
-    if is_lora(wildcards.experiment):
-        return layout.merged_dir(wildcards.experiment, run_id_of(wildcards))
-    return layout.train_dir(wildcards.experiment, run_id_of(wildcards))
+    evaluated straight from the training output. Always the output of the run that trained it (asft.sharing)."""
+    owner = SHARED.owner(run_of(wildcards))
+    if lora_direct(owner.experiment):
+        return layout.model_dir(owner.model)
+    if is_lora(owner.experiment):
+        return layout.merged_dir(owner.experiment, owner.run_id)
+    return layout.train_dir(owner.experiment, owner.run_id)
 
 
 def evaluated_adapter(wildcards) -> list[str]:
     """The run's adapter, for experiments that evaluate it without merging."""
-    if lora_direct(wildcards.experiment):
-        return [layout.train_dir(wildcards.experiment, run_id_of(wildcards))]
+    owner = SHARED.owner(run_of(wildcards))
+    if lora_direct(owner.experiment):
+        return [layout.train_dir(owner.experiment, owner.run_id)]
     return []
+
+
+def snapshot_train_dir(wildcards) -> str:
+    """The training output holding the snapshot (it is kept inside it)."""
+    return SHARED.train_dir(run_of(wildcards))
+
+
+def snapshot_base_model(wildcards) -> list[str]:
+    """A LoRA snapshot is an adapter, applied to the base model; a full fine-tune's snapshot is the model."""
+    return [layout.model_dir(wildcards.model)] if is_lora(wildcards.experiment) else []
+
+
+def snapshot_model_option(wildcards, input) -> str:
+    if input.base:
+        return input.base[0]
+    return layout.snapshot_dir(input.trained, wildcards.step)
+
+
+def snapshot_adapter_option(wildcards, input) -> str:
+    if input.base:
+        return f"--adapter {layout.snapshot_dir(input.trained, wildcards.step)}"
+    return ""
+
+
+def snapshot_identity_params(wildcards) -> str:
+    run = run_of(wildcards)
+    return canonical_json({**run_identity(run), "step": int(wildcards.step)})
 
 
 def eval_params(wildcards) -> str:
@@ -186,47 +258,33 @@ def plot_dir(wildcards, output) -> str:
 # --- aggregate and `rule all` ---------------------------------------------------------------------------------------
 
 
-def evaluation_dirs(experiment: str) -> list[str]:
-    """One output directory per (run or base model, benchmark) pair of the experiment."""
-    exp = config["experiments"][experiment]
-    dirs = [
-        layout.eval_dir(experiment, run.run_id, bench)
-        for run in RUNS[experiment]
-        for bench in exp["benchmarks"]
-    ]
-    if exp["evaluate_base"]:
-        dirs += [
-            layout.base_eval_dir(experiment, model, bench)
-            for model in exp["models"]
-            for bench in exp["benchmarks"]
-        ]
-    return dirs
-
-
-def train_dirs(experiment: str) -> list[str]:
-    return [layout.train_dir(experiment, run.run_id) for run in RUNS[experiment]]
-
-
-def merged_dirs(experiment: str) -> list[str]:
-    if not is_lora(experiment) or lora_direct(experiment):
-        return []
-    return [layout.merged_dir(experiment, run.run_id) for run in RUNS[experiment]]
-
-
 def experiment_metrics(wildcards) -> list[str]:
-    return [f"{d}/{layout.METRICS}" for d in evaluation_dirs(wildcards.experiment)]
+    """Every evaluation of the experiment, wherever its shared output lives (parallel to eval_identities)."""
+    return [metrics_path(e.metrics_dir) for e in SHARED.evaluations(wildcards.experiment)]
+
+
+def eval_identities(wildcards) -> str:
+    return canonical_json([e.record for e in SHARED.evaluations(wildcards.experiment)])
 
 
 def experiment_train_dirs(wildcards) -> list[str]:
-    return train_dirs(wildcards.experiment)
+    return [SHARED.train_dir(run) for run in SHARED.runs(wildcards.experiment)]
+
+
+def train_identities(wildcards) -> str:
+    experiment = wildcards.experiment
+    return canonical_json(
+        [table_identity(config, experiment, run, run.model) for run in SHARED.runs(experiment)]
+    )
 
 
 def experiment_benchmarks(wildcards) -> list[str]:
     return config["experiments"][wildcards.experiment]["benchmarks"]
 
 
-def experiment_outputs(experiment: str) -> list[str]:
-    """Every declared output under results/: training, merge and evaluation outputs, then the tables and plot.
+def owned_outputs() -> list[str]:
+    """Every declared output under results/ that some job writes: the trained runs, their merges, every
+    evaluation once.
 
     All of them are requested by `rule all`, not only the tables. Snakemake replans a job whose output is missing
     only when a requested target needs that file or a job consuming it has to run anyway; an up-to-date consumer
@@ -236,25 +294,69 @@ def experiment_outputs(experiment: str) -> list[str]:
     Fetched resources/ are not requested: they are local copies of pinned external sources, and re-fetching a
     deleted one would make every run built from it look outdated.
     """
+    runs = SHARED.owned_runs()
+    merged = [
+        layout.merged_dir(run.experiment, run.run_id)
+        for run in runs
+        if is_lora(run.experiment) and not lora_direct(run.experiment)
+    ]
     return (
-        train_dirs(experiment)
-        + merged_dirs(experiment)
+        [layout.train_dir(run.experiment, run.run_id) for run in runs]
+        + merged
         + [
             f"{d}/{name}"
-            for d in evaluation_dirs(experiment)
+            for d in SHARED.owned_evaluation_dirs()
             for name in (layout.METRICS, layout.SAMPLES)
-        ]
-        + [
-            f"{layout.tables_dir(experiment)}/{layout.RESULTS_CSV}",
-            f"{layout.tables_dir(experiment)}/{layout.RESULTS_MD}",
-            f"{layout.plots_dir(experiment)}/{layout.TRAINING_CURVES}",
         ]
     )
 
 
-def all_targets() -> list[str]:
+def experiment_outputs(experiment: str) -> list[str]:
+    """The experiment's tables and plot (its records included)."""
+    tables = layout.tables_dir(experiment)
     return [
-        path
-        for experiment in config["experiments"]
-        for path in experiment_outputs(experiment)
+        f"{tables}/{layout.RESULTS_CSV}",
+        f"{tables}/{layout.RESULTS_MD}",
+        f"{layout.plots_dir(experiment)}/{layout.TRAINING_CURVES}",
     ]
+
+
+# --- the paper's tables and figures -------------------------------------------------------------------------------
+
+
+def paper_records(wildcards) -> list[str]:
+    """The records of every experiment the table or figure reads (written by their aggregations)."""
+    return [
+        f"{layout.tables_dir(experiment)}/{name}"
+        for experiment in experiments_of(wildcards.name)
+        for name in (layout.EVAL_RECORDS, layout.TRAIN_RECORDS, layout.CURVE_RECORDS)
+    ]
+
+
+def paper_report_caption(wildcards) -> str:
+    return report_caption(wildcards.name)
+
+
+def paper_records_dirs(wildcards) -> list[str]:
+    return [layout.tables_dir(experiment) for experiment in experiments_of(wildcards.name)]
+
+
+def paper_out_dir(wildcards, output) -> str:
+    return str(Path(output[0]).parent)
+
+
+def paper_outputs(names: list[str]) -> list[str]:
+    """The files of these tables and figures (each target rule requests its own)."""
+    files = []
+    for name in names:
+        found = layout.paper_table_files(name) if name in PAPER_TABLES else layout.paper_figure_files(name)
+        files += list(found.values())
+    return files
+
+
+def all_targets() -> list[str]:
+    return (
+        owned_outputs()
+        + [path for experiment in config["experiments"] for path in experiment_outputs(experiment)]
+        + paper_outputs(PAPER_TABLES + PAPER_FIGURES)
+    )

@@ -1,4 +1,4 @@
-"""Every run and every base model on every benchmark of its experiment."""
+"""Every run, its snapshots and every base model on every benchmark of its experiment."""
 
 
 rule evaluate_run:
@@ -24,6 +24,33 @@ rule evaluate_run:
         adapter=adapter_option,
     shell:
         "asft evaluate --model {input.model} {params.adapter} --benchmark {input.benchmark} --spec {params.spec:q}"
+        " --run {params.run:q} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule evaluate_snapshot:
+    input:
+        trained=snapshot_train_dir,
+        base=snapshot_base_model,
+        benchmark=layout.BENCHMARK_WILDCARDS,
+    output:
+        metrics=f"{layout.SNAPSHOT_EVAL_WILDCARDS}/{layout.METRICS}",
+        samples=f"{layout.SNAPSHOT_EVAL_WILDCARDS}/{layout.SAMPLES}",
+    log:
+        layout.SNAPSHOT_EVAL_LOG_WILDCARDS,
+    conda:
+        "../envs/eval.yaml"
+    threads: 2
+    resources:
+        mem_mb=32000,
+        runtime=240,
+    params:
+        spec=eval_params,
+        run=snapshot_identity_params,
+        out_dir=eval_out_dir,
+        model=snapshot_model_option,
+        adapter=snapshot_adapter_option,
+    shell:
+        "asft evaluate --model {params.model} {params.adapter} --benchmark {input.benchmark} --spec {params.spec:q}"
         " --run {params.run:q} --out-dir {params.out_dir} > {log} 2>&1"
 
 

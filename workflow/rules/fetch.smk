@@ -27,38 +27,46 @@ rule fetch_model:
         "../envs/asft.yaml"
     params:
         source=model_source_params,
+        lock=model_lock_params,
         demo=layout.DEMO_DIR,
     shell:
-        "asft fetch-model --source {params.source:q} --demo-dir {params.demo} --out {output} > {log} 2>&1"
+        "asft fetch-model --source {params.source:q} --lock {params.lock:q} --demo-dir {params.demo}"
+        " --out {output} > {log} 2>&1"
 
 
 rule fetch_dataset:
     input:
         dataset_demo_input,
     output:
-        layout.DATASET_WILDCARDS,
+        data=layout.DATASET_WILDCARDS,
+        sidecar=layout.DATASET_SIDECAR_WILDCARDS,
     log:
         layout.FETCH_DATASET_LOG_WILDCARDS,
     conda:
         "../envs/asft.yaml"
     params:
         spec=dataset_params,
+        lock=dataset_lock_params,
         demo=layout.DEMO_DIR,
     shell:
-        "asft fetch-dataset --spec {params.spec:q} --demo-dir {params.demo} --out {output} > {log} 2>&1"
+        "asft fetch-dataset --spec {params.spec:q} --lock {params.lock:q} --demo-dir {params.demo}"
+        " --out {output.data} > {log} 2>&1"
 
 
 rule fetch_benchmark:
     input:
         benchmark_demo_input,
     output:
-        layout.BENCHMARK_WILDCARDS,
+        data=layout.BENCHMARK_WILDCARDS,
+        sidecar=layout.BENCHMARK_SIDECAR_WILDCARDS,
     log:
         layout.FETCH_BENCHMARK_LOG_WILDCARDS,
     conda:
         "../envs/asft.yaml"
     params:
         spec=benchmark_params,
+        lock=benchmark_lock_params,
         demo=layout.DEMO_DIR,
     shell:
-        "asft fetch-benchmark --spec {params.spec:q} --demo-dir {params.demo} --out {output} > {log} 2>&1"
+        "asft fetch-benchmark --spec {params.spec:q} --lock {params.lock:q} --demo-dir {params.demo}"
+        " --out {output.data} > {log} 2>&1"

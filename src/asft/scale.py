@@ -1,0 +1,105 @@
+"""The smoke scale: the same DAG as a config, on embedded stand-ins, in minutes on a laptop.
+
+`scale: smoke` keeps every experiment, mode, sweep, snapshot and benchmark of the config, so every table and
+figure is still produced, but replaces what makes it expensive: each model becomes the demo's tiny model, each
+dataset the demo's arithmetic or multiple-choice training set (by the domain of the benchmarks it is evaluated
+on), each benchmark the matching demo benchmark, and each run a few optimizer steps on one CPU process. Stand-ins
+that coincide are shared (asft.sharing): the math benchmarks all become one file, so a run is evaluated once for
+all five columns. The numbers mean nothing; that the pipeline runs end to end and renders every output does.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from asft.evaluation.benchmarks import CHOICE_FORMATS
+
+SMOKE_STEPS = 3
+SMOKE_SNAPSHOT_STEPS = [1, 2]
+SMOKE_DEMO = {"seed": 0, "n_train": 256, "n_test": 32, "n_pretrain": 2000, "pretrain_steps": 300}
+MATH_STAND_IN = {"format": "math500", "source": {"demo": "benchmarks/arith.jsonl"}}
+CHOICE_STAND_IN = {"format": "medmcqa", "source": {"demo": "benchmarks/choice.jsonl"}}
+
+# training keys whose paper values need GPUs or a cluster
+_SMOKE_TRAINING = {
+    "num_processes": 1,
+    "num_nodes": 1,
+    "deepspeed": None,
+    "dtype": "float32",
+    "gradient_checkpointing": False,
+    "max_length": 160,
+    "max_steps": SMOKE_STEPS,
+    "logging_steps": 1,
+    "kl_log_every": 1,
+    "save_steps": 2,
+    "report_to": ["none"],
+}
+_SMOKE_EVALUATION = {
+    "backend": "transformers",
+    "batch_size": 64,
+    "max_problems": 16,
+    "grading_workers": 1,
+    "bootstrap_samples": 100,
+}
+
+
+def is_choice_benchmark(entry: Mapping[str, Any]) -> bool:
+    return entry["format"] in CHOICE_FORMATS
+
+
+def _choice_datasets(config: Mapping[str, Any]) -> set[str]:
+    """Datasets trained on by an experiment evaluated only on multiple choice (the paper's medical data)."""
+    choice = set()
+    for exp in config["experiments"].values():
+        if all(is_choice_benchmark(config["benchmarks"][b]) for b in exp["benchmarks"]):
+            choice.update(exp["datasets"])
+    return choice
+
+
+def _smoke_training(training: Mapping[str, Any]) -> dict[str, Any]:
+    smoke = {**training, **_SMOKE_TRAINING}
+    smoke["per_device_train_batch_size"] = min(training["per_device_train_batch_size"], 4)
+    if training.get("snapshot_steps"):
+        smoke["snapshot_steps"] = list(SMOKE_SNAPSHOT_STEPS)
+    return smoke
+
+
+def _smoke_evaluation(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    smoke = {**evaluation, **_SMOKE_EVALUATION}
+    sampling = dict(evaluation.get("sampling") or {})
+    sampling["max_new_tokens"] = 24
+    if sampling.get("preset") == "paper" or sampling.get("n", 1) > 1:
+        sampling["n"] = 2  # still several samples per problem, so avg@n and its CI are exercised
+    smoke["sampling"] = sampling
+    return smoke
+
+
+def apply_scale(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config at its `scale` (a validated config, defaults filled); `full` returns a copy unchanged."""
+    scaled = copy.deepcopy(dict(config))
+    if scaled.get("scale", "full") != "smoke":
+        return scaled
+    choice = _choice_datasets(scaled)
+    scaled["demo"] = dict(SMOKE_DEMO)
+    scaled["source_lock"] = None
+    scaled["models"] = {name: {**entry, "source": {"demo": "model"}} for name, entry in scaled["models"].items()}
+    scaled["datasets"] = {
+        name: {
+            "source": {"demo": "data/choice_train.jsonl" if name in choice else "data/train.jsonl"},
+            "fields": {},
+            "max_samples": None,
+            "shuffle_seed": 42,
+            **({"format": "instruction_response"} if "format" in entry else {}),
+        }
+        for name, entry in scaled["datasets"].items()
+    }
+    scaled["benchmarks"] = {
+        name: copy.deepcopy(CHOICE_STAND_IN if is_choice_benchmark(entry) else MATH_STAND_IN)
+        for name, entry in scaled["benchmarks"].items()
+    }
+    for exp in scaled["experiments"].values():
+        exp["training"] = _smoke_training(exp["training"])
+        exp["evaluation"] = _smoke_evaluation(exp["evaluation"])
+    return scaled
