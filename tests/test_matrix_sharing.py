@@ -141,8 +141,9 @@ def test_the_paper_config_plans_every_experiment() -> None:
     config = load_config(REPO / "config" / "paper.yaml")
     shared = SharedWork(config)
     expected = {
-        "table1_math": 12,
-        "table1_medical": 12,
+        "table1_math": 4,
+        "table1_math_large": 8,
+        "table1_medical": 4,
         "table4_lora": 1,
         "fig2": 12,
         "fig4_math": 14,
@@ -163,16 +164,42 @@ def test_smoke_scale_keeps_the_matrix_and_replaces_what_is_expensive() -> None:
     raw = read_config_file(REPO / "config" / "paper.yaml")
     full = validate_config(raw)
     smoke = validate_config({**raw, "scale": "smoke"})
-    assert [r.run_id for r in iter_runs(smoke)] == [r.run_id for r in iter_runs(full)]
+    smoke_ids = {r.run_id for r in iter_runs(smoke)}
+    assert smoke_ids <= {r.run_id for r in iter_runs(full)}
+    # every experiment, mode and dataset is kept; a sweep axis keeps its ends and middle point
+    for name in full["experiments"]:
+        assert {(r.model, r.dataset, r.mode) for r in iter_runs(smoke, name)} == {
+            (r.model, r.dataset, r.mode) for r in iter_runs(full, name)
+        }
+    assert smoke["experiments"]["fig2"]["kl_weights"] == [0.001, 0.05, 0.5]
+    assert smoke["experiments"]["fig5_lr"]["sweep"] == {"learning_rate": [5e-6, 5e-5, 2e-4]}
     assert all(m["source"] == {"demo": "model"} for m in smoke["models"].values())
     assert smoke["benchmarks"]["aime24"] == MATH_STAND_IN and smoke["benchmarks"]["medqa"] == CHOICE_STAND_IN
     assert smoke["datasets"]["medmcqa-30k"]["source"] == {"demo": "data/choice_train.jsonl"}
     assert smoke["datasets"]["numina-cot-10k"]["source"] == {"demo": "data/train.jsonl"}
     for exp in smoke["experiments"].values():
         assert exp["training"]["num_processes"] == 1 and exp["training"]["deepspeed"] is None
-        assert exp["training"]["max_steps"] <= 3 and exp["evaluation"]["backend"] == "transformers"
-    assert smoke["experiments"]["fig1"]["training"]["snapshot_steps"] == [1, 2]
+        assert exp["training"]["max_steps"] <= 2 and exp["evaluation"]["backend"] == "transformers"
+    assert smoke["experiments"]["fig1"]["training"]["snapshot_steps"] == [1]
     # stand-ins that coincide are shared: the five math benchmarks of a run are one evaluation
     shared = SharedWork(smoke)
     dirs = {e.metrics_dir for e in shared.evaluations("table1_math") if e.identity["mode"] == "sft"}
     assert len(dirs) == 1
+
+
+def test_a_catalogue_config_without_an_experiment_a_target_reads_is_refused() -> None:
+    raw = read_config_file(REPO / "config" / "paper.yaml")
+    del raw["experiments"]["fig2"]
+    with pytest.raises(ConfigError, match=r"experiments\.fig2: missing \(read by fig2\)"):
+        validate_config(raw)
+
+
+def test_planning_estimates_change_no_job(config: dict) -> None:
+    """parameters_b, examples, ... are read by `asft plan` only: correcting one reruns nothing."""
+    before = validate_config(config)
+    config["datasets"]["arith"].update(examples=512, mean_tokens=80)
+    config["models"]["tiny"]["parameters_b"] = 0.0005
+    after = validate_config(config)
+    run = next(iter_runs(after))
+    assert train_spec(after, run) == train_spec(before, run)
+    assert train_key(after, run) == train_key(before, run)

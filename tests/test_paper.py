@@ -57,9 +57,11 @@ def _runs() -> list[tuple[dict, tuple[str, ...], dict]]:
         ("table1_medical", "llama-2-7b", "medmcqa", MEDICAL),
     ):
         add(_run(experiment, model, None, "base"), benchmarks)
+        add(_run(f"{experiment}_large", model, None, "base"), benchmarks)
         for size in SIZES:
             for mode in TRAINED:
-                add(_run(experiment, model, f"{prefix}-{size}", mode), benchmarks)
+                name = experiment if size == "10k" else f"{experiment}_large"
+                add(_run(name, model, f"{prefix}-{size}", mode), benchmarks)
     for experiment, model, dataset, benchmarks in (
         ("scaling_math", "qwen2.5-7b", "numina-cot-10k", MATH),
         ("scaling_medical", "llama-2-7b", "medmcqa-10k", MEDICAL),
@@ -301,7 +303,9 @@ def test_published_values_land_beside_ours(frames) -> None:
     assert cell["ours"] == pytest.approx(_ours(evals, "table1_medical", "llama-2-7b", "medmcqa-10k", "asft", "medqa"))
     cell = _cell(cells, "100k · DFT", "AMC23")
     assert cell["published"] == pytest.approx(27.19)
-    assert cell["ours"] == pytest.approx(_ours(evals, "table1_math", "qwen2.5-7b", "numina-cot-100k", "dft", "amc23"))
+    assert cell["ours"] == pytest.approx(
+        _ours(evals, "table1_math_large", "qwen2.5-7b", "numina-cot-100k", "dft", "amc23")
+    )
     assert cell["n"] == 500 and cell["ci_low"] < cell["ours"] < cell["ci_high"]
     cells = build_table("table5", evals, trains)
     cell = _cell(cells, "Qwen2.5-32B · ASFT", "MMLU-Medical")

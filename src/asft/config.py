@@ -121,6 +121,10 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> dict:
         lines = "\n  ".join(line for _, line in sorted(problems, key=lambda p: _sort_key(p[0])))
         raise ConfigError(f"{source}: invalid configuration:\n  {lines}")
     check_references(filled, source)
+    if filled["catalogue"] == "paper":
+        from asft.paper.targets import check_catalogue  # pandas: only for configs that promise the tables
+
+        check_catalogue(filled, source)
     if filled["scale"] != "full":
         from asft.scale import apply_scale
 

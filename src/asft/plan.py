@@ -30,21 +30,17 @@ EVAL_MFU = 0.10
 DEFAULT_TRAIN_TFLOPS = round(H100_BF16_PEAK_TFLOPS * TRAIN_MFU)  # 297
 DEFAULT_EVAL_TFLOPS = round(H100_BF16_PEAK_TFLOPS * EVAL_MFU)  # 99
 
-# Which experiments stand behind each catalogue target (asft.paper may later supply this). A filter keeps only
-# the runs whose attributes match; base-model evaluations of a matched experiment are always kept.
+# A selection keeps an experiment's runs whose attributes match a filter (None: all of them); base-model
+# evaluations of a matched experiment are always kept.
 Selection = tuple[str, Mapping[str, str] | None]
-MEDICAL_10K: Mapping[str, str] = {"dataset": "medmcqa-10k"}
-TARGETS: dict[str, tuple[Selection, ...]] = {
-    "table1": (("table1_math", None), ("table1_medical", None), ("scaling_*", None)),
-    "table4": (("table1_medical", MEDICAL_10K), ("table4_lora", None)),
-    "table5": (("table5_*", None), ("table1_medical", MEDICAL_10K)),
-    "fig1": (("fig1", None),),
-    "fig2": (("fig2", None),),
-    "fig3": (("table5_*", None), ("table1_medical", MEDICAL_10K)),
-    "fig4": (("fig4_*", None),),
-    "fig5": (("fig5_*", None),),
-    "fork": (("fork", None), ("fork_quick", None), ("fork_3ep", None), ("fork_all_linear", None)),
-}
+
+
+def catalogue_targets() -> dict[str, tuple[Selection, ...]]:
+    """Each table and figure of the catalogue with the experiments it reads (asft.paper.targets)."""
+    from asft.paper.targets import experiments_of, target_names
+
+    return {name: tuple((experiment, None) for experiment in experiments_of(name)) for name in target_names()}
+
 
 SMOKE_NOTE = "smoke: runs on CPU in minutes"
 
@@ -301,11 +297,11 @@ def _selected(plan: Plan, selections: Sequence[Selection]) -> tuple[list[str], l
     return keys, list(dict.fromkeys(experiments))
 
 
-def rows_by_target(plan: Plan, targets: Mapping[str, Sequence[Selection]] = TARGETS) -> list[PlanRow]:
+def rows_by_target(plan: Plan, targets: Mapping[str, Sequence[Selection]] | None = None) -> list[PlanRow]:
     """One row per catalogue target: everything it needs built from scratch (targets overlap, so the rows do not
     add up to the total); "reused" counts the jobs owned by experiments outside the target."""
     rows, covered = [], set()
-    for target, selections in targets.items():
+    for target, selections in (targets if targets is not None else catalogue_targets()).items():
         keys, experiments = _selected(plan, selections)
         if not experiments:
             continue

@@ -1,11 +1,12 @@
 """The smoke scale: the same DAG as a config, on embedded stand-ins, in minutes on a laptop.
 
-`scale: smoke` keeps every experiment, mode, sweep, snapshot and benchmark of the config, so every table and
-figure is still produced, but replaces what makes it expensive: each model becomes the demo's tiny model, each
-dataset the demo's arithmetic or multiple-choice training set (by the domain of the benchmarks it is evaluated
-on), each benchmark the matching demo benchmark, and each run a few optimizer steps on one CPU process. Stand-ins
-that coincide are shared (asft.sharing): the math benchmarks all become one file, so a run is evaluated once for
-all five columns. The numbers mean nothing; that the pipeline runs end to end and renders every output does.
+`scale: smoke` keeps every experiment, mode, snapshot and benchmark of the config, so every table row and every
+figure panel is still produced, but replaces what makes it expensive: each model becomes the demo's tiny model,
+each dataset the demo's arithmetic or multiple-choice training set (by the domain of the benchmarks it is
+evaluated on), each benchmark the matching demo benchmark, each run a few optimizer steps on one CPU process, and
+each sweep axis (kl_weights, sft_weights, sweep values) its two ends and middle point. Stand-ins that coincide
+are shared (asft.sharing): the math benchmarks all become one file, so a run is evaluated once for all five
+columns. The numbers mean nothing; that the pipeline runs end to end and renders every output does.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 from asft.evaluation.benchmarks import CHOICE_FORMATS
 
-SMOKE_STEPS = 3
-SMOKE_SNAPSHOT_STEPS = [1, 2]
+SMOKE_STEPS = 2
+SMOKE_SNAPSHOT_STEPS = [1]
 SMOKE_DEMO = {"seed": 0, "n_train": 256, "n_test": 32, "n_pretrain": 2000, "pretrain_steps": 300}
 MATH_STAND_IN = {"format": "math500", "source": {"demo": "benchmarks/arith.jsonl"}}
 CHOICE_STAND_IN = {"format": "medmcqa", "source": {"demo": "benchmarks/choice.jsonl"}}
@@ -56,6 +57,13 @@ def _choice_datasets(config: Mapping[str, Any]) -> set[str]:
         if all(is_choice_benchmark(config["benchmarks"][b]) for b in exp["benchmarks"]):
             choice.update(exp["datasets"])
     return choice
+
+
+def thin_axis(values: list) -> list:
+    """A sweep axis's ends and middle point: the line is still drawn, from a third of the runs or fewer."""
+    if len(values) <= 3:
+        return list(values)
+    return [values[0], values[len(values) // 2], values[-1]]
 
 
 def _smoke_training(training: Mapping[str, Any]) -> dict[str, Any]:
@@ -100,6 +108,11 @@ def apply_scale(config: Mapping[str, Any]) -> dict[str, Any]:
         for name, entry in scaled["benchmarks"].items()
     }
     for exp in scaled["experiments"].values():
+        for axis in ("kl_weights", "sft_weights"):
+            if axis in exp:
+                exp[axis] = thin_axis(exp[axis])
+        if exp.get("sweep"):
+            exp["sweep"] = {key: thin_axis(values) for key, values in exp["sweep"].items()}
         exp["training"] = _smoke_training(exp["training"])
         exp["evaluation"] = _smoke_evaluation(exp["evaluation"])
     return scaled

@@ -13,7 +13,7 @@ rule evaluate_run:
         layout.EVAL_LOG_WILDCARDS,
     conda:
         "../envs/eval.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=32000,
         runtime=240,
@@ -39,7 +39,7 @@ rule evaluate_snapshot:
         layout.SNAPSHOT_EVAL_LOG_WILDCARDS,
     conda:
         "../envs/eval.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=32000,
         runtime=240,
@@ -65,7 +65,7 @@ rule evaluate_base:
         layout.BASE_EVAL_LOG_WILDCARDS,
     conda:
         "../envs/eval.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=32000,
         runtime=240,

@@ -8,7 +8,7 @@ rule build_demo:
         layout.DEMO_JOB_LOG,
     conda:
         "../envs/asft.yaml"
-    threads: 2
+    threads: JOB_THREADS
     params:
         options=demo_params,
         out=demo_out_dir,

@@ -11,7 +11,7 @@ rule train:
         layout.TRAIN_LOG_WILDCARDS,
     conda:
         "../envs/train.yaml"
-    threads: 2
+    threads: JOB_THREADS
     resources:
         mem_mb=32000,
         runtime=720,
