@@ -47,7 +47,12 @@ JOB_THREADS = 1 if config["scale"] == "smoke" else 2
 SHARED = SharedWork(config)
 # The paper's tables and figures (asft.paper), planned only for `catalogue: paper`.
 if config["catalogue"] == "paper":
-    from asft.paper.targets import experiments_of, is_table, report_caption, target_names
+    from asft.paper.targets import (
+        experiments_of,
+        is_table,
+        report_caption,
+        target_names,
+    )
 
     PAPER_TABLES = [name for name in target_names() if is_table(name)]
     PAPER_FIGURES = [name for name in target_names() if not is_table(name)]
@@ -139,7 +144,9 @@ def dataset_lock_params(wildcards) -> str:
 
 def benchmark_lock_params(wildcards) -> str:
     sources = len(source_list(config["benchmarks"][wildcards.benchmark]))
-    return canonical_json(lock_for(LOCK_ENTRIES, "benchmarks", wildcards.benchmark, sources))
+    return canonical_json(
+        lock_for(LOCK_ENTRIES, "benchmarks", wildcards.benchmark, sources)
+    )
 
 
 # --- train and merge ------------------------------------------------------------------------------------------------
@@ -167,7 +174,8 @@ def merge_remote_code_flag(wildcards) -> str:
 
 def evaluated_model(wildcards) -> str:
     """Merged weights for LoRA runs (the base model when the adapter is applied directly); full fine-tunes are
-    evaluated straight from the training output. Always the output of the run that trained it (asft.sharing)."""
+    evaluated straight from the training output. Always the output of the run that trained it (asft.sharing).
+    """
     owner = SHARED.owner(run_of(wildcards))
     if lora_direct(owner.experiment):
         return layout.model_dir(owner.model)
@@ -253,7 +261,9 @@ def plot_dir(wildcards, output) -> str:
 
 def experiment_metrics(wildcards) -> list[str]:
     """Every evaluation of the experiment, wherever its shared output lives (parallel to eval_identities)."""
-    return [metrics_path(e.metrics_dir) for e in SHARED.evaluations(wildcards.experiment)]
+    return [
+        metrics_path(e.metrics_dir) for e in SHARED.evaluations(wildcards.experiment)
+    ]
 
 
 def eval_identities(wildcards) -> str:
@@ -267,7 +277,10 @@ def experiment_train_dirs(wildcards) -> list[str]:
 def train_identities(wildcards) -> str:
     experiment = wildcards.experiment
     return canonical_json(
-        [table_identity(config, experiment, run, run.model) for run in SHARED.runs(experiment)]
+        [
+            table_identity(config, experiment, run, run.model)
+            for run in SHARED.runs(experiment)
+        ]
     )
 
 
@@ -331,7 +344,9 @@ def paper_report_caption(wildcards) -> str:
 
 
 def paper_records_dirs(wildcards) -> list[str]:
-    return [layout.tables_dir(experiment) for experiment in experiments_of(wildcards.name)]
+    return [
+        layout.tables_dir(experiment) for experiment in experiments_of(wildcards.name)
+    ]
 
 
 def paper_out_dir(wildcards, output) -> str:
@@ -342,7 +357,11 @@ def paper_outputs(names: list[str]) -> list[str]:
     """The files of these tables and figures (each target rule requests its own)."""
     files = []
     for name in names:
-        found = layout.paper_table_files(name) if name in PAPER_TABLES else layout.paper_figure_files(name)
+        found = (
+            layout.paper_table_files(name)
+            if name in PAPER_TABLES
+            else layout.paper_figure_files(name)
+        )
         files += list(found.values())
     return files
 
@@ -350,6 +369,10 @@ def paper_outputs(names: list[str]) -> list[str]:
 def all_targets() -> list[str]:
     return (
         owned_outputs()
-        + [path for experiment in config["experiments"] for path in experiment_outputs(experiment)]
+        + [
+            path
+            for experiment in config["experiments"]
+            for path in experiment_outputs(experiment)
+        ]
         + paper_outputs(PAPER_TABLES + PAPER_FIGURES)
     )

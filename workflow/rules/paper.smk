@@ -15,10 +15,10 @@ rule paper_table:
         md=layout.paper_table_files("{name}")["md"],
         tex=layout.paper_table_files("{name}")["tex"],
         caption=layout.paper_table_files("{name}")["caption"],
-    wildcard_constraints:
-        name="|".join(PAPER_TABLES),
     log:
         layout.paper_job_log("{name}"),
+    wildcard_constraints:
+        name="|".join(PAPER_TABLES),
     conda:
         "../envs/asft.yaml"
     params:
@@ -41,10 +41,10 @@ rule paper_figure:
             labels={"figure": "{name}"},
         ),
         caption=layout.paper_figure_files("{name}")["caption"],
-    wildcard_constraints:
-        name="|".join(PAPER_FIGURES),
     log:
         layout.paper_job_log("{name}"),
+    wildcard_constraints:
+        name="|".join(PAPER_FIGURES),
     conda:
         "../envs/asft.yaml"
     params:

@@ -76,6 +76,7 @@ def report_caption(name: str) -> str:
         spec = TABLES[name]
         differences = "; ".join(spec.differences)
         text = f"{spec.title}. {spec.setting}. Decoding: {spec.decoding}."
-        return text + (f" Differences from the paper: {differences}." if differences else "")
-    spec = FIGURES[name]
-    return f"{spec.title}. {spec.setting}."
+        text += f" Differences from the paper: {differences}." if differences else ""
+    else:
+        text = f"{FIGURES[name].title}. {FIGURES[name].setting}."
+    return text.replace("@", "\\@")  # reStructuredText would make "avg@16" a mail link
