@@ -339,7 +339,8 @@ def paper_records(wildcards) -> list[str]:
     ]
 
 
-def paper_report_caption(wildcards) -> str:
+def paper_report_caption(wildcards, output) -> str:
+    """The report's caption text (taking `output` makes it a derived param: rewording it reruns nothing)."""
     return report_caption(wildcards.name)
 
 
