@@ -383,7 +383,7 @@ def test_rows_only_the_paper_has_and_rows_only_we_have(frames, tmp_path: Path) -
 def test_missing_results_render_as_dashes(frames, tmp_path: Path) -> None:
     evals, trains, _ = frames
     gone = (
-        (evals["experiment"] == "table1_math")
+        (evals["experiment"] == "table1_math_large")
         & (evals["dataset"] == "numina-cot-30k")
         & (evals["benchmark"] == "aime24")
     )

@@ -176,7 +176,9 @@ def _table1_rows() -> tuple[Row, ...]:
                 "medical": sel(f"table1_medical{suffix}", "llama-2-7b", mode, f"medmcqa-{size}"),
                 "math": sel(f"table1_math{suffix}", "qwen2.5-7b", mode, f"numina-cot-{size}"),
             }
-            rows.append(Row(mode, sources, (size, mode), block=size))
+            # every size's delta is against Table 1's one Base row
+            base = {"medical": medical_10k("base"), "math": math_10k("base")}
+            rows.append(Row(mode, sources, (size, mode), block=size, base=base))
     # Our ablation: the loss normalised per target token instead of the paper code's scaling.
     for mode in TRAINED:
         rows.append(
