@@ -242,7 +242,11 @@ def test_a_mode_edit_reruns_exactly_that_run(finished_workflow: tuple[Path, dict
 def test_adding_a_benchmark_retrains_nothing(finished_workflow: tuple[Path, dict]) -> None:
     workdir, config = finished_workflow
     edited = copy.deepcopy(config)
-    edited["benchmarks"]["arith_copy"] = copy.deepcopy(config["benchmarks"]["arith"])
+    # the same problems decoded differently: an identical benchmark would share the existing evaluations
+    edited["benchmarks"]["arith_copy"] = {
+        **copy.deepcopy(config["benchmarks"]["arith"]),
+        "sampling": {"max_new_tokens": 6},
+    }
     edited["experiments"]["demo"]["benchmarks"].append("arith_copy")
     write_config(workdir, edited)
     try:
