@@ -50,6 +50,8 @@ BENCHMARK_LABELS = {
 MEDICAL = ("medqa", "mmlu_medical", "medmcqa")
 MATH = ("aime24", "math500", "minerva_math", "olympiadbench", "amc23")  # Table 1's column order
 SIZES = ("10k", "30k", "100k")
+# The first words of every caption rendered from smoke-scale results (asft.scale).
+SMOKE_NOTE = "Smoke scale: embedded stand-ins, numbers are not comparable."
 # The paper's default KL weight: the lambda of Table 1's ASFT rows, where Figures 2 and 4 meet Table 1.
 PAPER_KL_WEIGHT = 0.05
 

@@ -19,6 +19,7 @@ from asft.paper.catalogue import (
     METHOD_LABELS,
     MODEL_LABELS,
     PAPER_KL_WEIGHT,
+    SMOKE_NOTE,
     math_10k,
     medical_10k,
     sel,
@@ -57,7 +58,6 @@ PAPER_MARKER = {
     "markeredgewidth": 1.5,
     "zorder": 5,  # above the bars of Figure 3
 }
-SMOKE_NOTE = "Smoke scale: embedded stand-ins, numbers are not comparable."
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from asft.paper.catalogue import TABLES, Column, Row, TableSpec
+from asft.paper.catalogue import SMOKE_NOTE, TABLES, Column, Row, TableSpec
 from asft.paper.reference import published_value
 from asft.paper.selection import (
     EVAL_COLUMNS,
@@ -26,7 +26,6 @@ from asft.paper.selection import (
     wall_hours,
 )
 
-SMOKE_NOTE = "Smoke scale: embedded stand-ins, numbers are not comparable."
 CELL_LEGEND = "Each cell: ours, ↑/↓ our change from our base model, (the published value); — = no result."
 LONG_COLUMNS = (
     "table",
