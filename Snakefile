@@ -29,6 +29,11 @@ include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/paper.smk"
 
 
+# Under the slurm executor, refuse jobs no node could ever start before submitting any (asft.slurm_limits).
+onstart:
+    check_slurm_requests()
+
+
 rule all:
     default_target: True
     input:

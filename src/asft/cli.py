@@ -99,13 +99,14 @@ def _cmd_lock(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from asft.distributed import check_devices, data_parallel_command
+    from asft.distributed import check_devices, launch_command
 
     num_processes = args.spec["training"].get("num_processes", 1)
+    num_nodes = args.spec["training"].get("num_nodes", 1)
     check_devices(num_processes, args.spec["training"].get("deepspeed"))
-    command = data_parallel_command(args.argv, num_processes)
+    command = launch_command(args.argv, num_processes, num_nodes)
     if command is not None:  # one rank per GPU; each rank runs this same command
-        logging.info("launching %d data-parallel ranks", num_processes)
+        logging.info("launching %d data-parallel ranks on each of %d node(s): %s", num_processes, num_nodes, command)
         raise SystemExit(subprocess.run(command).returncode)
     from asft.training import train  # the training stack loads only where a rank trains
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +24,78 @@ def data_parallel_command(argv: list[str], num_processes: int) -> list[str] | No
         return None
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}"]
     return [*launcher, "-m", "asft.cli", *argv]
+
+
+def slurm_job_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job` of the running job as key=value pairs (NumNodes, NumTasks, CPUs/Task, NodeList, ...).
+
+    Read from the controller: Snakemake's job step hands the command an environment without the allocation's
+    SLURM_* variables, all but the job id.
+    """
+    out = subprocess.run(
+        ["scontrol", "show", "job", "--oneliner", job_id], check=True, capture_output=True, text=True
+    ).stdout
+    return dict(item.split("=", 1) for item in out.split() if "=" in item)
+
+
+def first_node(node_list: str) -> str:
+    """The first host of a Slurm node list (n[01-04] included), where the rendezvous is hosted."""
+    out = subprocess.run(["scontrol", "show", "hostnames", node_list], check=True, capture_output=True, text=True)
+    return out.stdout.split()[0]
+
+
+def multi_node_command(
+    argv: list[str], num_processes: int, num_nodes: int, job: dict[str, str], head: str, gpus: bool
+) -> list[str]:
+    """srun starts one torchrun agent per task of the Slurm job (one task per node); they meet at the first node
+    (c10d rendezvous keyed by the job id) and each starts num_processes ranks running this same `asft` command.
+    """
+    from asft.config import ConfigError
+
+    tasks = int(job.get("NumTasks", "0"))
+    if tasks != num_nodes:
+        raise ConfigError(
+            f"training.num_nodes is {num_nodes} but Slurm job {job.get('JobId')} has {tasks} task(s): it needs one "
+            f"task per node (Snakemake's slurm profile asks for nodes={num_nodes}, tasks={num_nodes})"
+        )
+    port = 20000 + int(job["JobId"]) % 20000  # two jobs sharing a first node do not share a rendezvous port
+    srun = ["srun", f"--ntasks={num_nodes}", "--kill-on-bad-exit=1"]
+    cpus = job.get("CPUs/Task", "")
+    if cpus.isdigit():
+        srun.append(f"--cpus-per-task={cpus}")
+    if gpus:
+        srun.append(f"--gpus-per-task={num_processes}")
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={num_nodes}",
+        f"--nproc-per-node={num_processes}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={head}:{port}",
+        f"--rdzv-id={job['JobId']}",
+    ]
+    return [*srun, *torchrun, "-m", "asft.cli", *argv]
+
+
+def launch_command(argv: list[str], num_processes: int, num_nodes: int) -> list[str] | None:
+    """The command that starts every rank of this run; None inside a launched rank or for one process."""
+    from asft.config import ConfigError
+
+    if "LOCAL_RANK" in os.environ:
+        return None
+    if num_nodes <= 1:
+        return data_parallel_command(argv, num_processes)
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if not job_id:
+        raise ConfigError(
+            f"training.num_nodes is {num_nodes}: the run needs a Slurm job with {num_nodes} nodes "
+            "(snakemake --profile slurm), and this job is not in one"
+        )
+    job = slurm_job_fields(job_id)
+    return multi_node_command(
+        argv, num_processes, num_nodes, job, first_node(job["NodeList"]), torch.cuda.is_available()
+    )
 
 
 def _env_flag(name: str) -> bool:
@@ -50,9 +123,10 @@ def check_devices(num_processes: int, deepspeed: str | None = None) -> None:
     visible = torch.cuda.device_count()
     if visible < num_processes:
         raise ConfigError(
-            f"training.num_processes is {num_processes} but this job sees {visible} GPU(s): give the train rule "
-            f"{num_processes} GPUs (profile set-resources: train: gpu: {num_processes}), or, for CPU ranks, set "
-            "ACCELERATE_USE_CPU=true (DDP) or DS_ACCELERATOR=cpu (DeepSpeed)"
+            f"training.num_processes is {num_processes} but this job sees {visible} GPU(s): the train job asks its "
+            "scheduler for num_processes GPUs when the experiment's resources.device is cuda (Slurm, Run:ai; "
+            "locally every job sees all GPUs), or, for CPU ranks, set ACCELERATE_USE_CPU=true (DDP) or "
+            "DS_ACCELERATOR=cpu (DeepSpeed)"
         )
 
 

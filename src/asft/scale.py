@@ -112,6 +112,7 @@ def apply_scale(config: Mapping[str, Any]) -> dict[str, Any]:
                 exp[axis] = thin_axis(exp[axis])
         if exp.get("sweep"):
             exp["sweep"] = {key: thin_axis(values) for key, values in exp["sweep"].items()}
+        exp["resources"] = {**exp.get("resources", {}), "device": "cpu"}  # stand-ins on CPU, also on a cluster
         exp["training"] = _smoke_training(exp["training"])
         exp["evaluation"] = _smoke_evaluation(exp["evaluation"])
         # the merge stage is exercised by the demo's workflow tests; here it would only add jobs

@@ -23,7 +23,9 @@ from asft.config import (
     train_spec,
     validate_config,
 )
+from asft.job_resources import evaluate_request, merge_request, train_request
 from asft.matrix import without_planning
+from asft.slurm_limits import JobAsk, check_requests, read_sinfo
 from asft.records import metrics_path
 from asft.source_lock import lock_for, read_lock
 from asft.sharing import SharedWork, table_identity
@@ -167,6 +169,72 @@ def merge_dtype(wildcards) -> str:
 def merge_remote_code_flag(wildcards) -> str:
     trusted = merge_spec(config, wildcards.experiment)["trust_remote_code"]
     return "--trust-remote-code" if trusted else ""
+
+
+# --- what each job asks a scheduler for (asft.job_resources) ------------------------------------------------------
+
+
+def train_resource(name: str):
+    """The rule's resource `name` of a train job (GPUs from training.num_processes and num_nodes, ...)."""
+
+    def resource(wildcards):
+        return train_request(config, run_of(wildcards), JOB_THREADS).resources()[name]
+
+    return resource
+
+
+def merge_resource(name: str):
+    def resource(wildcards):
+        request = merge_request(
+            config, wildcards.experiment, wildcards.model, JOB_THREADS
+        )
+        return request.resources()[name]
+
+    return resource
+
+
+def evaluate_resource(name: str):
+    def resource(wildcards):
+        request = evaluate_request(
+            config,
+            wildcards.experiment,
+            wildcards.model,
+            wildcards.benchmark,
+            JOB_THREADS,
+        )
+        return request.resources()[name]
+
+    return resource
+
+
+def check_slurm_requests() -> None:
+    """Refuse, before any submission, jobs that no node of their Slurm partition could ever start."""
+    plugin = workflow.executor_plugin
+    if plugin is None or plugin.name != "slurm":
+        return
+    asks = {}
+    for job in workflow.dag.needrun_jobs():
+        res = job.resources
+        ask = JobAsk(
+            label=f"rule {job.rule.name}",
+            partition=res.get("slurm_partition"),
+            gpus=int(res.get("gpu") or 0),
+            nodes=int(res.get("nodes") or 1),
+            cpus_per_task=int(res.get("cpus_per_task") or job.threads),
+            mem_mb=int(res.get("mem_mb") or 0),
+            runtime=res.get("runtime"),
+        )
+        asks.setdefault(ask, f"{ask.label} ({job.wildcards_dict})")
+    messages = check_requests(
+        [JobAsk(**{**vars(a), "label": label}) for a, label in asks.items()],
+        read_sinfo(),
+    )
+    if messages:
+        raise WorkflowError(
+            "\n".join(messages)
+            + "\nChange the experiment's training.num_processes/num_nodes or resources (train/evaluate/merge: "
+            "cpus_per_task, mem_mb, runtime), or the profile's default-resources."
+        )
 
 
 # --- evaluate -------------------------------------------------------------------------------------------------------

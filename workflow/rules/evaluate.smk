@@ -15,8 +15,11 @@ rule evaluate_run:
         "../envs/eval.yaml"
     threads: JOB_THREADS
     resources:
-        mem_mb=32000,
-        runtime=240,
+        gpu=evaluate_resource("gpu"),
+        nodes=evaluate_resource("nodes"),
+        cpus_per_task=evaluate_resource("cpus_per_task"),
+        mem_mb=evaluate_resource("mem_mb"),
+        runtime=evaluate_resource("runtime"),
     params:
         spec=eval_params,
         run=run_identity_params,
@@ -41,8 +44,11 @@ rule evaluate_snapshot:
         "../envs/eval.yaml"
     threads: JOB_THREADS
     resources:
-        mem_mb=32000,
-        runtime=240,
+        gpu=evaluate_resource("gpu"),
+        nodes=evaluate_resource("nodes"),
+        cpus_per_task=evaluate_resource("cpus_per_task"),
+        mem_mb=evaluate_resource("mem_mb"),
+        runtime=evaluate_resource("runtime"),
     params:
         spec=eval_params,
         run=snapshot_identity_params,
@@ -67,8 +73,11 @@ rule evaluate_base:
         "../envs/eval.yaml"
     threads: JOB_THREADS
     resources:
-        mem_mb=32000,
-        runtime=240,
+        gpu=evaluate_resource("gpu"),
+        nodes=evaluate_resource("nodes"),
+        cpus_per_task=evaluate_resource("cpus_per_task"),
+        mem_mb=evaluate_resource("mem_mb"),
+        runtime=evaluate_resource("runtime"),
     params:
         spec=eval_params,
         run=base_identity_params,

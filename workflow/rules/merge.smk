@@ -12,8 +12,11 @@ rule merge:
     conda:
         "../envs/asft.yaml"
     resources:
-        mem_mb=32000,
-        runtime=60,
+        gpu=merge_resource("gpu"),
+        nodes=merge_resource("nodes"),
+        cpus_per_task=merge_resource("cpus_per_task"),
+        mem_mb=merge_resource("mem_mb"),
+        runtime=merge_resource("runtime"),
     params:
         dtype=merge_dtype,
         remote_code=merge_remote_code_flag,

@@ -13,8 +13,14 @@ rule train:
         "../envs/train.yaml"
     threads: JOB_THREADS
     resources:
-        mem_mb=32000,
-        runtime=720,
+        gpu=train_resource("gpu"),
+        nodes=train_resource("nodes"),
+        cpus_per_task=train_resource("cpus_per_task"),
+        mem_mb=train_resource("mem_mb"),
+        runtime=train_resource("runtime"),
+        tasks=train_resource("tasks"),
+        mpi=train_resource("mpi"),
+        tasks_per_gpu=train_resource("tasks_per_gpu"),
     params:
         spec=train_params,
         checkpoints=train_checkpoints,
