@@ -4,6 +4,7 @@ multi-node launch (asft.distributed), without a cluster."""
 from __future__ import annotations
 
 import copy
+import re
 import sys
 from typing import Any
 
@@ -155,3 +156,28 @@ def test_multi_node_launch_is_srun_plus_torchrun_rendezvous(monkeypatch: pytest.
         launch_command(["train"], 8, 2)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert launch_command(["train"], 8, 2) is None
+
+
+def test_slurm_dry_run_of_the_paper_asks_for_gpus_from_the_config(tmp_path) -> None:
+    """The acceptance check of the unmodified profile: no --set-resources, GPUs and nodes from config/paper.yaml."""
+    from tests.test_paper_smoke import _copy_workflow, _snakemake
+
+    workdir = _copy_workflow(tmp_path)
+    result = _snakemake(workdir, "table5", "-n", "--profile", "profiles/slurm", "--configfile", "config/paper.yaml")
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = result.stdout + result.stderr
+    blocks = re.findall(r"^rule (\w+):\n(.*?)\n\n", text, re.S | re.M)
+    resources = {}
+    for rule, block in blocks:
+        model = re.search(r"model=([^,\s]+)", block)
+        line = re.search(r"resources: ([^\n]+)", block).group(1)
+        resources.setdefault((rule, model.group(1) if model else None), set()).add(line)
+    train_7b = resources[("train", "qwen2.5-7b")]
+    assert all("gpu=8" in r and "nodes=1" in r and "cpus_per_task=64" in r for r in train_7b), train_7b
+    assert all(
+        "gpu=16" in r and "nodes=2" in r and "tasks=2" in r and "mpi=srun" in r
+        for r in resources[("train", "llama-2-70b")]
+    )
+    assert all("gpu=1," in r and "nodes=1" in r for r in resources[("evaluate_run", "qwen2.5-7b")])
+    # vLLM shards 70B over 4 of the cluster's 80 GB GPUs
+    assert all("gpu=4," in r for r in resources[("evaluate_base", "llama-2-70b")])
