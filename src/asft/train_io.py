@@ -141,16 +141,27 @@ class Snapshots(TrainerCallback):
             checkpoints.mark_snapshot(self.checkpoint_dir, step, self.fingerprint)
 
 
-def rank_resources(device: torch.device) -> dict[str, Any]:
-    """This rank's peaks so far: GPU memory (null off a GPU, where there is none to measure) and host RSS, in GB."""
-    on_gpu = device.type == "cuda"
+def peak_host_rss_gb() -> float:
+    """This process's peak resident host memory so far, in GB."""
     # ru_maxrss is KiB on Linux and bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9
+
+
+def rank_resources(device: torch.device, load_rss_gb: tuple[float, float] | None = None) -> dict[str, Any]:
+    """This rank's peaks so far: GPU memory (null off a GPU, where there is none to measure) and host RSS, in GB.
+
+    `load_rss_gb` is the host peak (`peak_host_rss_gb`) measured right before and right after loading the models:
+    what loading cost this rank.
+    """
+    on_gpu = device.type == "cuda"
+    before, after = load_rss_gb if load_rss_gb is not None else (None, None)
     return {
         "device": torch.cuda.get_device_name(device) if on_gpu else device.type,
         "gpu_peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 1e9 if on_gpu else None,
         "gpu_peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 1e9 if on_gpu else None,
-        "host_peak_rss_gb": rss / 1e9,
+        "host_peak_rss_gb": peak_host_rss_gb(),
+        "host_rss_before_load_gb": before,
+        "host_rss_after_load_gb": after,
     }
 
 
@@ -163,4 +174,7 @@ def resource_summary(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         "gpu_peak_allocated_gb": [r["gpu_peak_allocated_gb"] for r in per_rank] if on_gpu else None,
         "gpu_peak_reserved_gb": [r["gpu_peak_reserved_gb"] for r in per_rank] if on_gpu else None,
         "host_peak_rss_gb": [r["host_peak_rss_gb"] for r in per_rank],
+        # Peak host RSS per rank right before and right after loading the policy and reference (not yet training).
+        "host_rss_before_load_gb": [r["host_rss_before_load_gb"] for r in per_rank],
+        "host_rss_after_load_gb": [r["host_rss_after_load_gb"] for r in per_rank],
     }

@@ -34,6 +34,7 @@ from asft.train_io import (
     JsonlLogCallback,
     Snapshots,
     finish_run_files,
+    peak_host_rss_gb,
     rank_resources,
     resource_summary,
     start_run_files,
@@ -150,22 +151,21 @@ def resolve_accumulation(settings: dict) -> int:
     With global_batch_size set the launched world must be the configured one, or the global batch would silently
     differ from the configured one.
     """
-    if settings.get("num_nodes", 1) > 1:
-        # Planned honestly (nodes, ZeRO-3 with offload) so the DAG and the GPU-hour plan are right, but refused
-        # here, before any model is loaded, rather than run as a single-node job with a different global batch.
-        raise ConfigError(
-            f"training.num_nodes: {settings['num_nodes']} nodes per run, but multi-node launching is not "
-            "implemented yet; this run cannot start (the rest of the workflow can: snakemake --keep-going)"
-        )
     try:
         accumulation = gradient_accumulation_steps(settings)
     except ValueError as err:
         raise ConfigError(f"training.global_batch_size: {err}") from err
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if settings["global_batch_size"] is not None and world != settings["num_processes"]:
+    nodes = settings.get("num_nodes", 1)
+    if nodes > 1 and world != settings["num_processes"] * nodes:
+        raise ConfigError(
+            f"training.num_nodes: {nodes} x num_processes {settings['num_processes']} ranks, but this job runs "
+            f"{world}: a multi-node run is launched by `asft train` inside its Slurm job (srun + torchrun)"
+        )
+    if settings["global_batch_size"] is not None and world != settings["num_processes"] * nodes:
         raise ConfigError(
             f"training.global_batch_size: {settings['global_batch_size']} was divided over num_processes "
-            f"{settings['num_processes']} ranks, but this job runs {world}"
+            f"{settings['num_processes']} x num_nodes {nodes} ranks, but this job runs {world}"
         )
     return accumulation
 
@@ -214,11 +214,18 @@ def train(
         lora = settings["finetune"] == "lora"
         # LoRA's reference is the policy with its adapter disabled; a full fine-tune needs a frozen copy.
         needs_copy = not lora and (loss_spec.needs_reference or settings["kl_log_every"] > 0)
-        tokenizer, model, ref_model = _load(model_dir, dtype, settings["trust_remote_code"], needs_copy)
         use_configured_state = configure_cpu_deepspeed(settings["deepspeed"])
+        # The arguments before the models: with a ZeRO-3 config they hold the HfDeepSpeedConfig that makes
+        # `from_pretrained` build the policy and the reference partitioned (deepspeed.zero.Init; rank 0 alone reads
+        # the checkpoint's values), so a rank keeps 1/world of each instead of two whole models. transformers holds
+        # that config by weak reference only: `args` keeps it alive. Without ZeRO-3 (DDP, ZeRO-2) loading is as before.
+        args = _sft_config(settings, spec["seed"], checkpoint_dir, dtype, accumulation, use_configured_state)
+        rss_before_load = peak_host_rss_gb()
+        tokenizer, model, ref_model = _load(model_dir, dtype, settings["trust_remote_code"], needs_copy)
+        load_rss = (rss_before_load, peak_host_rss_gb())  # this rank's host peak before and after loading
         trainer = WeightedSFTTrainer(
             model=model,
-            args=_sft_config(settings, spec["seed"], checkpoint_dir, dtype, accumulation, use_configured_state),
+            args=args,
             train_dataset=dataset,
             processing_class=tokenizer,
             peft_config=_lora_config(settings) if lora else None,
@@ -241,7 +248,7 @@ def train(
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         trainer.save_model(str(tmp_dir))  # every rank: ZeRO-3 gathers the shards; only the main process writes
         accelerator = trainer.accelerator
-        per_rank = gather_object([rank_resources(accelerator.device)])  # a collective: every rank, in rank order
+        per_rank = gather_object([rank_resources(accelerator.device, load_rss)])  # a collective: every rank, in order
         summary = {
             "finetune": settings["finetune"],
             "global_step": trainer.state.global_step,
