@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from asft.train_io import TEST_HOOK_ENV
 from tests.conftest import REPO
@@ -227,3 +228,18 @@ def test_ctrl_c_cancels_the_submitted_jobs(
     result = run_slurm(workdir, slurm_cluster, "-n")
     assert "cannot be locked" not in result.stdout + result.stderr
     assert planned_jobs(result)["train"] == 1
+
+
+def test_a_job_no_node_can_run_is_refused_before_any_submission(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    """Slurm would queue it forever; the workflow's start hook compares it with sinfo's nodes and stops first."""
+    workdir = copy_workflow(tmp_path / "workflow")
+    config_path = workdir / "config" / "test.yaml"
+    config = yaml.safe_load(config_path.read_text())
+    config["experiments"]["demo"]["resources"] = {"train": {"cpus_per_task": 4096}}
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_slurm(workdir, slurm_cluster)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "rule train" in output and "can never start" in output, output[-4000:]
+    assert "4096 CPUs per node > the largest node's" in output
+    assert not SUBMITTED.search(output) and slurm_cluster.active_jobs() == []
