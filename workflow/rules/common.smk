@@ -4,6 +4,7 @@ The rule files only declare; each function here takes `wildcards` (and, for fold
 `output` or `input`). The logic lives in `asft.config`, every path in `asft.layout`.
 """
 
+from functools import cache
 from pathlib import Path
 
 from asft import layout
@@ -174,35 +175,49 @@ def merge_remote_code_flag(wildcards) -> str:
 # --- what each job asks a scheduler for (asft.job_resources) ------------------------------------------------------
 
 
+# Each resource of a job reads the same request: computed once per job, not once per resource.
+
+
+@cache
+def train_resources(experiment: str, run_id: str) -> dict:
+    run = run_by_id(RUNS_BY_ID, experiment, run_id)
+    return train_request(config, run, JOB_THREADS).resources()
+
+
+@cache
+def merge_resources(experiment: str, model: str) -> dict:
+    return merge_request(config, experiment, model, JOB_THREADS).resources()
+
+
+@cache
+def evaluate_resources(experiment: str, model: str, benchmark: str) -> dict:
+    return evaluate_request(
+        config, experiment, model, benchmark, JOB_THREADS
+    ).resources()
+
+
 def train_resource(name: str):
     """The rule's resource `name` of a train job (GPUs from training.num_processes and num_nodes, ...)."""
 
     def resource(wildcards):
-        return train_request(config, run_of(wildcards), JOB_THREADS).resources()[name]
+        return train_resources(wildcards.experiment, run_id_of(wildcards))[name]
 
     return resource
 
 
 def merge_resource(name: str):
     def resource(wildcards):
-        request = merge_request(
-            config, wildcards.experiment, wildcards.model, JOB_THREADS
-        )
-        return request.resources()[name]
+        return merge_resources(wildcards.experiment, wildcards.model)[name]
 
     return resource
 
 
 def evaluate_resource(name: str):
     def resource(wildcards):
-        request = evaluate_request(
-            config,
-            wildcards.experiment,
-            wildcards.model,
-            wildcards.benchmark,
-            JOB_THREADS,
+        resources = evaluate_resources(
+            wildcards.experiment, wildcards.model, wildcards.benchmark
         )
-        return request.resources()[name]
+        return resources[name]
 
     return resource
 
