@@ -24,7 +24,7 @@ import yaml
 from asft import runai
 from asft.runai import FAILED, RUNNING, SUCCESS, JobRequest, RunaiError, Site
 from tests.conftest import REPO
-from tests.test_workflow import WORKFLOW_FILES, planned_jobs, snakemake_env
+from tests.test_workflow import copy_workflow, planned_jobs, snakemake_env
 
 STAND_IN = Path(__file__).parent / "stand_ins" / "runai"
 PROFILE = REPO / "profiles" / "runai"
@@ -401,14 +401,7 @@ def pid_alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def runai_workflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """A copy of the workflow after `snakemake --profile profiles/runai --configfile config/test.yaml`."""
-    workdir = tmp_path_factory.mktemp("runai-workflow")
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, workdir / name, symlinks=True)
-        else:
-            shutil.copy(source, workdir / name)
-    (workdir / "src").symlink_to(REPO / "src")
+    workdir = copy_workflow(tmp_path_factory.mktemp("runai-workflow"))
     state = workdir.parent / f"{workdir.name}-runai-state"
     result = run_with_runai(workdir, state)
     assert result.returncode == 0, result.stderr[-6000:]

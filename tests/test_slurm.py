@@ -24,7 +24,7 @@ import yaml
 from asft.train_io import TEST_HOOK_ENV
 from tests.conftest import REPO
 from tests.slurm_cluster import SlurmCluster, slurm_cluster_fixture  # noqa: F401  (provides slurm_cluster)
-from tests.test_workflow import WORKFLOW_FILES, planned_jobs, snakemake_env, wait_for
+from tests.test_workflow import copy_workflow, planned_jobs, snakemake_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -44,19 +44,6 @@ def hang_once_after_checkpoint_2(step: int, checkpoint: Path) -> None:
     if step == 2 and not marker.exists():
         marker.write_text(f"{os.getpid()}\n")
         time.sleep(3600)
-
-
-def copy_workflow(workdir: Path) -> Path:
-    """The workflow files as tests/test_workflow.py copies them."""
-    workdir.mkdir(parents=True)
-    for name in WORKFLOW_FILES:
-        source = REPO / name
-        if source.is_dir():
-            shutil.copytree(source, workdir / name, symlinks=True)
-        else:
-            shutil.copy(source, workdir / name)
-    (workdir / "src").symlink_to(REPO / "src")  # the schema symlink in workflow/schemas points here
-    return workdir
 
 
 def slurm_command(*args: str) -> list[str]:

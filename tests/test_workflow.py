@@ -78,10 +78,9 @@ def planned_outputs(result: subprocess.CompletedProcess, rule: str) -> list[str]
     return [re.search(r"output: ([^\n]+)", block).group(1) for block in blocks]
 
 
-@pytest.fixture(scope="module")
-def finished_workflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """A copy of the workflow with a completed reduced demo run."""
-    workdir = tmp_path_factory.mktemp("workflow")
+def copy_workflow(workdir: Path) -> Path:
+    """The workflow's files copied into `workdir` (created if needed), the package linked, as a user's checkout."""
+    workdir.mkdir(parents=True, exist_ok=True)
     for name in WORKFLOW_FILES:
         source = REPO / name
         if source.is_dir():
@@ -89,6 +88,13 @@ def finished_workflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, d
         else:
             shutil.copy(source, workdir / name)
     (workdir / "src").symlink_to(REPO / "src")  # the schema symlink in workflow/schemas points here
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def finished_workflow(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A copy of the workflow with a completed reduced demo run."""
+    workdir = copy_workflow(tmp_path_factory.mktemp("workflow"))
     config = yaml.safe_load((workdir / "config" / "test.yaml").read_text())
     result = snakemake(workdir)
     logs = "\n".join(p.read_text()[-2000:] for p in (workdir / "logs").rglob("*.log")) if result.returncode else ""
