@@ -494,3 +494,23 @@ def test_an_evaluation_template_other_than_the_training_one_must_be_allowed(conf
         validate_config(config)
     evaluation["allow_template_mismatch"] = True
     assert eval_spec(validate_config(config), "demo", "arith")["template"] == "plain"
+
+
+def test_cached_reference_is_refused_with_a_reverse_kl_anchor(config: dict) -> None:
+    training = config["experiments"]["demo"]["training"]
+    filled = validate_config(config)["experiments"]["demo"]["training"]
+    assert filled["reference"] == "live" and filled["reference_samples"] == 16  # today's results stay exact
+    training["reference"] = "cached"
+    validate_config(config)  # every demo anchor is forward
+    config["modes"]["asft-rev"] = {"weighting": "dft", "kl_weight": 0.05, "kl_direction": "reverse"}
+    config["modes"]["dft-rev0"] = {"weighting": "dft", "kl_direction": "reverse"}  # no anchor: fine
+    config["experiments"]["demo"]["modes"] += ["dft-rev0"]
+    validate_config(config)
+    config["experiments"]["demo"]["modes"] += ["asft-rev"]
+    with pytest.raises(ConfigError, match=r"experiments.demo.training.reference: cached .*\['asft-rev'\]"):
+        validate_config(config)
+    training["reference"] = "live"
+    validate_config(config)
+    training["reference_samples"] = 0
+    with pytest.raises(ConfigError, match="reference_samples"):
+        validate_config(config)

@@ -110,7 +110,14 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise SystemExit(subprocess.run(command).returncode)
     from asft.training import train  # the training stack loads only where a rank trains
 
-    summary = train(args.model, args.data, args.spec, args.out, args.checkpoints)
+    summary = train(args.model, args.data, args.spec, args.out, args.checkpoints, reference_cache=args.reference)
+    print(json.dumps(summary, indent=2))
+
+
+def _cmd_reference(args: argparse.Namespace) -> None:
+    from asft.reference_stage import build_reference_cache  # loads TRL: only where the stage runs
+
+    summary = build_reference_cache(args.model, args.data, args.spec, args.out, args.batch_size, args.seed)
     print(json.dumps(summary, indent=2))
 
 
@@ -208,7 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", type=_json_arg, required=True, help="JSON run spec (inline or @file)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints, outside --out")
+    p.add_argument("--reference", type=Path, default=None, help="reference cache (training.reference: cached)")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("reference", help="cache the frozen reference's statistics over a run's training data")
+    p.add_argument("--model", type=Path, required=True, help="base model directory (the reference)")
+    p.add_argument("--data", type=Path, required=True, help="instruction/response JSONL, as given to `asft train`")
+    p.add_argument("--spec", type=_json_arg, required=True, help="JSON run spec (inline or @file): its training")
+    p.add_argument("--out", type=Path, required=True, help="the cache folder (written whole or not at all)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per forward (default: the run's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the K reference samples per token")
+    p.set_defaults(func=_cmd_reference)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("--base", type=Path, required=True)

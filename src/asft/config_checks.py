@@ -61,6 +61,7 @@ def check_references(config: dict, source: str) -> None:
             training = {**exp["training"], **dict(point)}
             problems += _batch_problems(exp_name, training, point)
             problems += _snapshot_problems(exp_name, training, point)
+            problems += _cached_reference_problems(config, exp_name, training, point)
         problems += _template_mismatch_problems(exp_name, exp["training"], exp["evaluation"])
         if exp["evaluation"]["lora_direct"] and exp["training"]["finetune"] != "lora":
             problems.append(
@@ -315,4 +316,23 @@ def _snapshot_problems(exp_name: str, training: dict, point: tuple = ()) -> list
         return []
     return [
         f"experiments.{exp_name}.training.snapshot_steps{_at_point(point)}: steps {late} are beyond max_steps {total}"
+    ]
+
+
+def _cached_reference_problems(config: dict, exp_name: str, training: dict, point: tuple = ()) -> list[str]:
+    """A cached reference stores samples from p_ref, which estimate the forward KL only: an anchored mode with
+    kl_direction reverse needs log p_ref at the policy's own tokens (asft.reference_cache)."""
+    if training.get("reference", "live") != "cached":
+        return []
+    reverse = [
+        name
+        for name in config["experiments"][exp_name]["modes"]
+        if config["modes"].get(name, {}).get("kl_weight", 0) > 0
+        and config["modes"].get(name, {}).get("kl_direction", "forward") == "reverse"
+    ]
+    if not reverse:
+        return []
+    return [
+        f"experiments.{exp_name}.training.reference{_at_point(point)}: cached supports only kl_direction forward, "
+        f"but modes {reverse} anchor with kl_direction reverse (modes.<name>.kl_direction); use reference: live"
     ]

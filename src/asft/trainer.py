@@ -18,7 +18,7 @@ from trl import SFTTrainer
 
 from asft.distributed import gathered_head, loss_in_head_module, prepare_reference_model
 from asft.divergence import check_finite_step
-from asft.losses import LossSpec, loss_from_hidden
+from asft.losses import LossSpec, loss_from_hidden, shifted_targets
 from asft.train_io import LOGGED_STATS, Snapshots
 from asft.trl_compat import TrainerInternals
 
@@ -51,6 +51,22 @@ def final_hidden_states(
     return captured["hidden"]
 
 
+EXAMPLE_ID = "example_id"  # the column keying a row to its reference-cache entry (asft.training.training_dataset)
+
+
+class CollatorWithExampleIds:
+    """Wraps a collator: takes each example's `example_id` out before collating and adds them as a tensor [B]."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        ids = [example[EXAMPLE_ID] for example in examples]
+        batch = self.collator([{k: v for k, v in example.items() if k != EXAMPLE_ID} for example in examples])
+        batch[EXAMPLE_ID] = torch.tensor(ids, dtype=torch.long)
+        return batch
+
+
 class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
     """SFTTrainer whose loss is one of the modes of docs/ARCHITECTURE.md, normalised per optimizer step."""
 
@@ -63,9 +79,17 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
         loss_scaling: str = "token",
         loss_chunk_size: int = 1024,
         snapshots: Snapshots | None = None,
+        reference_cache: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # With a cached reference (asft.reference_cache.ReferenceCache) each batch carries its rows' example ids
+        # and the loss reads the reference's statistics from the cache: no reference forward, no reference model.
+        self.reference_cache = reference_cache
+        if reference_cache is not None:
+            if ref_model is not None:
+                raise ValueError("a cached reference replaces the reference model: pass one of them")
+            self.data_collator = CollatorWithExampleIds(self.data_collator)
         self.snapshots = snapshots
         if snapshots is not None:
             self.add_callback(snapshots)
@@ -99,6 +123,11 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
         check_finite_step(self.state.global_step, step_loss, loss_finite, None if skipped else grad_norm)
         if self.snapshots is not None:
             self.snapshots.after_step(self, self.state.global_step)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if self.reference_cache is not None and EXAMPLE_ID not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, EXAMPLE_ID]  # kept through remove_unused_columns
 
     def _logs_drift_now(self) -> bool:
         """Modes without an anchor still run the reference every `kl_log_every` steps, to log the drift."""
@@ -139,14 +168,30 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
         if return_outputs:
             raise NotImplementedError("WeightedSFTTrainer does not build logits for compute_metrics")
         causal_lm = unwrap_peft_model(self.accelerator.unwrap_model(model))
+        example_ids = inputs.pop(EXAMPLE_ID, None)
         hidden = final_hidden_states(model, causal_lm, inputs["input_ids"], inputs["attention_mask"])
-        ref_hidden = ref_head = None
-        if self.loss_spec.needs_reference or self._logs_drift_now():
+        ref_hidden = ref_head = cached = None
+        if self.reference_cache is not None:
+            if example_ids is None:
+                raise ValueError(f"a cached reference needs the batch's {EXAMPLE_ID!r} (CollatorWithExampleIds)")
+            cached = self.reference_cache.batch(
+                example_ids.tolist(), targets=shifted_targets(inputs["labels"])[1], device=hidden.device
+            )
+        elif self.loss_spec.needs_reference or self._logs_drift_now():
             ref_hidden, ref_head = self._reference_hidden(inputs)
         num_target_tokens = num_items_in_batch if self.loss_scaling == "token" else None
         head = causal_lm.get_output_embeddings()
 
         def compute() -> tuple[torch.Tensor, dict]:
+            if cached is not None:
+                # First increment: full logits in autograd (asft.reference_cache.cached_loss_from_logits); a chunked
+                # kernel reading the cache (asft.chunked_loss) is still to come.
+                from asft.reference_cache import cached_loss_from_logits
+
+                logits = hidden.to(head.weight.dtype) @ head.weight.T
+                return cached_loss_from_logits(
+                    logits, inputs["labels"], self.loss_spec, cached, num_target_tokens=num_target_tokens
+                )
             with gathered_head(ref_head):
                 return loss_from_hidden(
                     hidden,
@@ -164,7 +209,10 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
             # N counts every rank's tokens and DDP averages gradients across ranks.
             loss = loss * self.accelerator.num_processes
         mode = "train" if self.model.training else "eval"
-        for key, values in self._gather_stats(stats, with_kl=ref_hidden is not None).items():
+        # As live: the KL is logged wherever the reference is read (cached: the sampled estimate's mean).
+        reads_reference = self.loss_spec.needs_reference or self._logs_drift_now()
+        with_kl = ref_hidden is not None or (cached is not None and reads_reference)
+        for key, values in self._gather_stats(stats, with_kl=with_kl).items():
             self.extend_logged_metric(mode, key, values)
         if mode == "train":
             self.count_train_tokens(int(inputs["attention_mask"].sum()))

@@ -53,6 +53,7 @@ __all__ = [
     "final_hidden_states",
     "loss_in_head_module",
     "train",
+    "training_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,42 @@ def _load(model_dir: Path, dtype: torch.dtype, trust: bool, with_reference: bool
     return tokenizer, model, ref_model
 
 
+def training_dataset(data_path: Path, settings: dict, with_ids: bool = False) -> Any:
+    """The run's examples as TRL prompt/completion rows (the first `max_samples` records of the data file).
+
+    with_ids: each row also carries `example_id`, its record's index in the file (the key of a reference cache,
+    `asft.reference_cache`), which TRL's tokenisation keeps beside input_ids and labels.
+    """
+    from datasets import Dataset
+
+    records = read_instruction_jsonl(data_path)
+    if settings["max_samples"] is not None:
+        records = records[: settings["max_samples"]]
+    rows = [to_prompt_completion(r, settings["template"]) for r in records]
+    if with_ids:
+        rows = [{**row, "example_id": index} for index, row in enumerate(rows)]
+    return Dataset.from_list(rows)
+
+
+def _open_reference_cache(model_dir: Path, data_path: Path, settings: dict, path: Path | None) -> Any:
+    """The run's reference cache, refused (ConfigError) if missing or built for other settings."""
+    from asft.reference_cache import open_cache
+    from asft.reference_stage import cache_identity
+
+    if path is None:
+        raise ConfigError("training.reference: cached, but no reference cache was given (`asft train --reference`)")
+    try:
+        cache = open_cache(path, cache_identity(model_dir, data_path, settings))
+    except ValueError as err:
+        raise ConfigError(f"training.reference: cached: {err}") from err
+    if cache.k != settings["reference_samples"]:
+        raise ConfigError(
+            f"training.reference_samples: {settings['reference_samples']}, but the cache {path} holds "
+            f"{cache.k} samples per token"
+        )
+    return cache
+
+
 def check_dataset_size(data_path: Path, before: int, after: int, max_length: int) -> int:
     """How many examples tokenisation dropped (no completion token left within max_length); an error if all."""
     dropped = before - after
@@ -177,6 +214,7 @@ def train(
     out_dir: Path,
     checkpoint_dir: Path,
     callbacks: Sequence[TrainerCallback] = (),
+    reference_cache: Path | None = None,
 ) -> dict:
     """Train one run and write the adapter (LoRA) or full weights plus logs to `out_dir`.
 
@@ -184,18 +222,17 @@ def train(
     written for the same settings (`asft.checkpoints`). The output is assembled in a sibling temp dir and renamed
     at the end, so a failed job leaves nothing that looks complete. `callbacks` are extra Trainer callbacks.
     Snapshots at `training.snapshot_steps` are kept beside the checkpoints and moved into `out_dir/snapshots/`.
+    With `training.reference: cached`, `reference_cache` is the folder `asft reference` wrote for this model, data
+    and training settings (its identity is checked): no reference model is loaded and no reference forward runs.
     The summary records what paper Table 4 reports: wall time, accelerator, peak GPU and host memory per rank.
     """
-    from datasets import Dataset
-
     wall_started = time.perf_counter()  # the whole job's wall time, Table 4 of the paper
     settings = spec["training"]
     accumulation = resolve_accumulation(settings)
     loss_spec = LossSpec.from_config(spec["loss"])
-    records = read_instruction_jsonl(data_path)  # fail on bad data before loading any model
-    if settings["max_samples"] is not None:
-        records = records[: settings["max_samples"]]
-    dataset = Dataset.from_list([to_prompt_completion(r, settings["template"]) for r in records])
+    cached = settings.get("reference", "live") == "cached"
+    dataset = training_dataset(data_path, settings, with_ids=cached)  # fail on bad data before loading any model
+    cache = _open_reference_cache(model_dir, data_path, settings, reference_cache) if cached else None
 
     # Under torchrun/accelerate every rank runs this function. Every rank decides the same resume point from the
     # files (a matching checkpoint is never moved); only the main process changes the run's files, so no rank
@@ -213,7 +250,7 @@ def train(
         dtype = training_dtype(settings["dtype"])
         lora = settings["finetune"] == "lora"
         # LoRA's reference is the policy with its adapter disabled; a full fine-tune needs a frozen copy.
-        needs_copy = not lora and (loss_spec.needs_reference or settings["kl_log_every"] > 0)
+        needs_copy = not lora and cache is None and (loss_spec.needs_reference or settings["kl_log_every"] > 0)
         use_configured_state = configure_cpu_deepspeed(settings["deepspeed"])
         # The arguments before the models: with a ZeRO-3 config they hold the HfDeepSpeedConfig that makes
         # `from_pretrained` build the policy and the reference partitioned (deepspeed.zero.Init; rank 0 alone reads
@@ -240,6 +277,7 @@ def train(
             loss_scaling=settings["loss_scaling"],
             loss_chunk_size=settings["loss_chunk_size"],
             snapshots=Snapshots(checkpoint_dir, fingerprint, snapshot_steps) if snapshot_steps else None,
+            reference_cache=cache,
         )
         dropped = check_dataset_size(data_path, len(dataset), len(trainer.train_dataset), settings["max_length"])
         if resume:
