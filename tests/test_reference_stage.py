@@ -17,6 +17,7 @@ from asft.reference_cache import open_cache
 def _spec(config: dict, **training: object) -> dict:
     config = copy.deepcopy(config)
     defaults = {"max_samples": 6, "per_device_train_batch_size": 4, "reference_samples": 4, "loss_chunk_size": 7}
+    defaults["reference"] = "cached"  # the stage caches for cached runs; a live run's spec has no reference keys
     config["experiments"]["demo"]["training"].update({**defaults, **training})
     filled = validate_config(config)
     run = next(r for r in iter_runs(filled) if r.mode == "sft-lr")
@@ -90,8 +91,8 @@ def test_sft_lr_with_the_cache_trains_as_with_the_live_reference(
 
     model_dir, data = small_demo / "model", small_demo / "data/train.jsonl"
     common = {"max_samples": 8, "max_steps": 2, "logging_steps": 1, "save_steps": 10, "report_to": ["none"]}
-    live_spec = _spec(config, **common)
-    cached_spec = _spec(config, reference="cached", **common)
+    live_spec = _spec(config, reference="live", **common)
+    cached_spec = _spec(config, **common)
     assert cached_spec["loss"]["weighting"] == "ref_ratio" and cached_spec["loss"]["kl_weight"] == 0
     build_reference_cache(model_dir, data, cached_spec, tmp_path / "ref")
     train(model_dir, data, live_spec, tmp_path / "live", tmp_path / "ckpt-live")
@@ -130,9 +131,30 @@ def test_a_cached_run_needs_its_own_cache(small_demo: Path, tmp_path: Path, conf
     from asft.training import train
 
     model_dir, data = small_demo / "model", small_demo / "data/train.jsonl"
-    spec = _spec(config, reference="cached", max_samples=2, max_steps=1, report_to=["none"])
+    spec = _spec(config, max_samples=2, max_steps=1, report_to=["none"])
     with pytest.raises(ConfigError, match="no reference cache was given"):
         train(model_dir, data, spec, tmp_path / "out", tmp_path / "ckpt")
-    build_reference_cache(model_dir, data, _spec(config, reference="cached", max_samples=3), tmp_path / "ref")
+    build_reference_cache(model_dir, data, _spec(config, max_samples=3), tmp_path / "ref")
     with pytest.raises(ConfigError, match="different max_samples"):
         train(model_dir, data, spec, tmp_path / "out", tmp_path / "ckpt", reference_cache=tmp_path / "ref")
+
+
+def test_a_live_spec_has_no_reference_keys_and_a_cached_one_has_both(config: dict) -> None:
+    """Live runs' specs (Snakemake params, checkpoint fingerprints) stay as before the keys existed."""
+    live, cached = _spec(config, reference="live"), _spec(config)
+    assert "reference" not in live["training"] and "reference_samples" not in live["training"]
+    assert cached["training"]["reference"] == "cached" and cached["training"]["reference_samples"] == 4
+    assert _spec(config, reference="live", reference_samples=9) == live  # nothing a live run does not read
+    assert {k: v for k, v in cached["training"].items() if not k.startswith("reference")} == live["training"]
+
+
+def test_the_reference_stage_refuses_a_live_spec(small_demo: Path, tmp_path: Path, config: dict) -> None:
+    import pytest
+
+    from asft.config import ConfigError
+    from asft.reference_stage import build_reference_cache
+
+    model_dir, data = small_demo / "model", small_demo / "data/train.jsonl"
+    with pytest.raises(ConfigError, match="training.reference: cached"):
+        build_reference_cache(model_dir, data, _spec(config, reference="live"), tmp_path / "ref")
+    assert not (tmp_path / "ref").exists()

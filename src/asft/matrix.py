@@ -84,6 +84,11 @@ def sweep_points(exp: Mapping[str, Any]) -> list[tuple[tuple[str, Any], ...]]:
     return points
 
 
+LIVE_REFERENCE = "live"
+# Training keys that only a cached reference reads (training.reference: cached); absent from live runs' specs.
+REFERENCE_KEYS = ("reference", "reference_samples")
+
+
 def run_training(config: Mapping[str, Any], run: Run) -> dict:
     """The experiment's training settings with the run's swept values in place, and the accumulation steps
     resolved (from global_batch_size where set), so that equal batches give equal specs."""
@@ -91,6 +96,12 @@ def run_training(config: Mapping[str, Any], run: Run) -> dict:
 
     training = {**config["experiments"][run.experiment]["training"], **dict(run.sweep)}
     training["gradient_accumulation_steps"] = gradient_accumulation_steps(training)
+    if training.get("reference", LIVE_REFERENCE) == LIVE_REFERENCE:
+        # A live reference reads neither key, and leaving both out keeps a live run's spec, hence its Snakemake
+        # params and checkpoint fingerprint (asft.checkpoints.run_fingerprint), as they were before the keys
+        # existed: finished runs do not rerun. Readers default them (training.get("reference", "live")).
+        for key in REFERENCE_KEYS:
+            training.pop(key, None)
     return training
 
 

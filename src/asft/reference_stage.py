@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from asft import reference_cache
+from asft.config_files import ConfigError
 from asft.dtypes import training_dtype
 from asft.losses import shifted_targets
 from asft.trainer import final_hidden_states
@@ -95,6 +96,8 @@ def build_reference_cache(
     from asft.training import _load
 
     settings = spec["training"]
+    if settings.get("reference", "live") != "cached":  # a live spec carries no reference_samples (asft.matrix)
+        raise ConfigError("`asft reference` caches the reference of a run with training.reference: cached only")
     dtype = training_dtype(settings["dtype"])
     tokenizer, model, _ = _load(Path(model_dir), dtype, settings["trust_remote_code"], with_reference=False)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
