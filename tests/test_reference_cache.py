@@ -149,6 +149,76 @@ def test_sampled_forward_kl_in_the_anchored_loss_is_unbiased() -> None:
     assert torch.all(torch.stack(grads)[:, ~moving] == 0)
 
 
+CACHED_SPECS = [
+    LossSpec(weighting="dft", kl_weight=0.5),  # asft
+    LossSpec(weighting="none", kl_weight=0.3),  # sft+kl
+    LossSpec(weighting="ref_ratio"),  # sft-lr: exact
+    LossSpec(weighting="topk", kl_weight=0.2),  # a batch-statistic weighting with an anchor
+    LossSpec(weighting="ref_ratio", kl_weight=0.1, sft_weight=0.5),
+    LossSpec(weighting="none"),  # no anchor: the KL is only a statistic
+]
+
+
+@pytest.mark.parametrize("spec", CACHED_SPECS, ids=str)
+@pytest.mark.parametrize("chunk_size", [1, 4, 1024])
+def test_chunked_cached_loss_equals_full_logits_reference(spec: LossSpec, chunk_size: int) -> None:
+    """The training kernel with a cache (`loss_from_hidden(..., cached=)`) equals `cached_loss_from_logits` on
+    hidden @ W.T in loss, statistics and gradients w.r.t. hidden and the head, for chunk sizes that divide the
+    tokens, do not, and exceed them (float64)."""
+    from asft.losses import loss_from_hidden
+
+    g = torch.Generator().manual_seed(7)
+    b, t, d, v = 3, 9, 6, 40
+    hidden = torch.randn(b, t, d, generator=g, dtype=torch.float64)
+    head = torch.randn(v, d, generator=g, dtype=torch.float64)
+    _, ref_logits, labels = _batch(8, b=b, t=t, v=v)
+    cached = _stats(ref_logits, labels, k=5, seed=2)
+
+    h1, w1 = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    expected, expected_stats = rc.cached_loss_from_logits(h1 @ w1.T, labels, spec, cached, num_target_tokens=25)
+    expected.backward()
+    h2, w2 = hidden.clone().requires_grad_(), head.clone().requires_grad_()
+    loss, stats = loss_from_hidden(h2, w2, labels, spec, num_target_tokens=25, chunk_size=chunk_size, cached=cached)
+    loss.backward()
+
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w2.grad, w1.grad, rtol=1e-10, atol=1e-12)
+    assert stats.keys() == expected_stats.keys()
+    for key in stats:
+        assert stats[key] == pytest.approx(expected_stats[key], rel=1e-12, abs=1e-12), key
+    with torch.no_grad():  # evaluation: same value, no gradient work
+        no_grad, _ = loss_from_hidden(hidden, head, labels, spec, num_target_tokens=25, cached=cached)
+    torch.testing.assert_close(no_grad, expected.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_chunked_cached_loss_refusals_and_empty_batch() -> None:
+    """Both references at once, a reverse-KL anchor and misaligned rows are refused; no targets gives 0 and zero
+    gradients."""
+    from asft.losses import loss_from_hidden
+
+    hidden, head = torch.randn(2, 5, 4, dtype=torch.float64), torch.randn(11, 4, dtype=torch.float64)
+    labels = torch.randint(0, 11, (2, 5))
+    cached = _stats(torch.randn(2, 5, 11, dtype=torch.float64), labels, k=3)
+    asft = LossSpec(weighting="dft", kl_weight=0.5)
+    with pytest.raises(ValueError, match="not both"):
+        loss_from_hidden(hidden, head, labels, asft, ref_hidden=hidden, cached=cached)
+    with pytest.raises(ValueError, match="kl_direction 'reverse'"):
+        loss_from_hidden(
+            hidden, head, labels, LossSpec(weighting="dft", kl_weight=0.5, kl_direction="reverse"), cached=cached
+        )
+    shifted = labels.clone()
+    shifted[0, 2] = (shifted[0, 2] + 1) % 11
+    with pytest.raises(ValueError, match="first difference at target token 1"):
+        loss_from_hidden(hidden, head, shifted, asft, cached=cached)
+    empty_labels = torch.full_like(labels, -100)
+    empty = _stats(torch.randn(2, 5, 11, dtype=torch.float64), empty_labels, k=3)
+    h = hidden.clone().requires_grad_()
+    loss, stats = loss_from_hidden(h, head, empty_labels, asft, cached=empty)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and stats["target_tokens"] == 0 and torch.all(h.grad == 0)
+
+
 def test_analytic_gradient_equals_autograd() -> None:
     """The chunked kernel's form: d estimate/d logits = p − counts/K, repeated samples counted."""
     _, grad, _, _, rows, _, sample_ids = _draws(r=3, k=8)

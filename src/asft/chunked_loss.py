@@ -3,8 +3,10 @@
 Contract: `chunked_loss_from_hidden(hidden, W, labels, spec, ref_hidden, W_ref, N, chunk_size)` equals
 `loss_from_logits(hidden @ W.T, labels, spec, ref_hidden @ W_ref.T, N)` in value, in gradients w.r.t. hidden and
 W, and in statistics, for every registered weighting and anchor and every chunk size (tests/test_losses.py holds
-both to a token-by-token float64 reference). It defines nothing: the weightings, anchors and bookkeeping all come
-from `asft.losses`.
+both to a token-by-token float64 reference). With `cached=` (a cached reference, `asft.reference_cache`) instead
+of ref_hidden it equals `cached_loss_from_logits(hidden @ W.T, labels, spec, cached, N)`
+(tests/test_reference_cache.py). It defines nothing: the weightings, anchors and bookkeeping all come from
+`asft.losses` and `asft.reference_cache`.
 
 Why a kernel: full [T, V] logits (and their gradient) dominate a fine-tuning step's memory at 150k-token
 vocabularies. Here each chunk's logits, per-token quantities and d loss/d logits are computed in the forward pass
@@ -19,7 +21,7 @@ chunk by chunk, for any other registered anchor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,7 @@ from asft.losses import (
     shifted_targets,
     token_weights,
 )
+from asft.reference_cache import cached_forward_kl_analytic, check_alignment, check_cached_direction
 
 # (logp, ref_logp, need_grad) -> (divergence [c], d divergence / d logits [c, V] or None), from log-probabilities
 # [c, V]. Overwrites ref_logp's storage: the kernel's own chunk buffer, reused to save a [c, V] allocation.
@@ -109,6 +112,10 @@ class _Chunked:
     spec: LossSpec
     norm: float
     chunk_size: int
+    # A cached reference instead of ref_hidden (asft.reference_cache): log p_ref(y_t) [n], H_ref [n], samples [n, K].
+    cached_target_logp: torch.Tensor | None = None
+    cached_entropy: torch.Tensor | None = None
+    cached_sample_ids: torch.Tensor | None = None
 
 
 def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -129,7 +136,8 @@ def _chunked_loss(
     weighting, anchor = WEIGHTINGS[spec.weighting], ANCHORS[spec.kl_direction]
     n, device = targets.numel(), hidden.device
     dtype = compute_dtype(hidden.dtype, weight.dtype)
-    with_ref = plan.ref_hidden is not None
+    from_cache = plan.cached_sample_ids is not None
+    with_ref = plan.ref_hidden is not None or from_cache
     need_grad = need_hidden or need_weight
     grad_hidden = torch.zeros_like(hidden) if need_hidden else None
     # The head's gradient is accumulated in its own dtype: a float32 copy of a bf16 [V, d] head would cost twice
@@ -146,11 +154,17 @@ def _chunked_loss(
 
     # LoRA's reference uses the policy's own (frozen) head: one matmul then gives both models' logits of a chunk,
     # streaming the [V, d] head from memory once instead of twice (the head is 2 GiB in float32 at 7B shapes).
-    shared_head = with_ref and plan.ref_weight.data_ptr() == weight.data_ptr() and plan.ref_weight.shape == weight.shape
+    shared_head = (
+        plan.ref_hidden is not None
+        and plan.ref_weight.data_ptr() == weight.data_ptr()
+        and plan.ref_weight.shape == weight.shape
+    )
     if not weighting.per_token:  # the batch statistic needs every token's CE (and p_ref, if the weighting reads it)
         for start, end in chunks:
             ce[start:end] = -target_log_probs(_chunk_log_probs(hidden[start:end], weight, dtype), start, end)
-            if weighting.needs_reference:
+            if weighting.needs_reference and from_cache:
+                ref_p[start:end] = plan.cached_target_logp[start:end].exp()
+            elif weighting.needs_reference:
                 ref_logp = _chunk_log_probs(plan.ref_hidden[start:end], plan.ref_weight, dtype)
                 ref_p[start:end] = target_log_probs(ref_logp, start, end).exp()
                 del ref_logp
@@ -166,7 +180,15 @@ def _chunked_loss(
             logp = _chunk_log_probs(h, weight, dtype)
         ce[start:end] = -target_log_probs(logp, start, end)
         grad_anchor = None
-        if with_ref:
+        if from_cache:  # exact ref_p; the forward KL and its gradient as the unbiased sampled estimate
+            ref_p[start:end] = plan.cached_target_logp[start:end].exp()
+            kl[start:end], grad_anchor = cached_forward_kl_analytic(
+                logp,
+                plan.cached_sample_ids[start:end],
+                plan.cached_entropy[start:end],
+                need_grad and spec.kl_weight > 0,
+            )
+        elif with_ref:
             if not shared_head:
                 ref_logp = _chunk_log_probs(plan.ref_hidden[start:end], plan.ref_weight, dtype)
             ref_p[start:end] = target_log_probs(ref_logp, start, end).exp()
@@ -234,18 +256,27 @@ def chunked_loss_from_hidden(
     ref_lm_head_weight: torch.Tensor | None = None,
     num_target_tokens: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
+    cached: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float | int]]:
     """The same loss and gradients as `loss_from_logits(hidden @ W.T, ...)`, without full logits.
 
     hidden: [B, T, d] final (post-norm) hidden states; lm_head_weight: [V, d] (no bias); labels: [B, T] aligned
     with the input ids (shifted here). Only target positions are gathered, then processed `chunk_size` at a
     time. The reference passes only its hidden states; its head defaults to the policy's (LoRA does not adapt
-    the head). Reference quantities carry no gradient. Without grad mode (evaluation) no gradient work is done.
+    the head). Or, instead, `cached`: the batch's rows of a reference cache (`ReferenceCache.batch`, checked
+    token by token against the targets), read in place of any reference forward. Reference quantities carry no
+    gradient. Without grad mode (evaluation) no gradient work is done.
     """
-    check_reference(spec, ref_hidden, "ref_hidden")
+    if cached is not None and ref_hidden is not None:
+        raise ValueError("pass the reference as ref_hidden or as cached, not both")
+    check_reference(spec, ref_hidden if cached is None else cached["target_logp"], "ref_hidden or cached")
+    if cached is not None:
+        check_cached_direction(spec)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size: {chunk_size!r} must be an integer >= 1")
     mask, targets = shifted_targets(labels)
+    if cached is not None:
+        check_alignment(cached, targets)
     n = targets.numel()
     norm = normaliser(num_target_tokens, n)
     if n == 0:
@@ -256,6 +287,10 @@ def chunked_loss_from_hidden(
         ref_t = ref_hidden[:, :-1][mask].detach()
         ref_weight = (lm_head_weight if ref_lm_head_weight is None else ref_lm_head_weight).detach()
     plan = _Chunked(targets, ref_t, ref_weight, spec, norm, chunk_size)
+    if cached is not None:
+        plan.cached_target_logp = cached["target_logp"].detach().to(hidden.device)
+        plan.cached_entropy = cached["entropy"].detach().to(hidden.device)
+        plan.cached_sample_ids = cached["sample_ids"].detach().to(hidden.device).long()
     hidden_t = hidden[:, :-1][mask]
     if not (torch.is_grad_enabled() and (hidden_t.requires_grad or lm_head_weight.requires_grad)):
         loss, _, _, stats = _chunked_loss(hidden_t.detach(), lm_head_weight.detach(), plan, False, False)

@@ -266,16 +266,19 @@ def loss_from_hidden(
     ref_lm_head_weight: torch.Tensor | None = None,
     num_target_tokens: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
+    cached: dict[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float | int]]:
     """`loss_from_logits(hidden @ W.T, ...)` without full logits: the chunked kernel of `asft.chunked_loss`.
 
     hidden: [B, T, d] final (post-norm) hidden states; lm_head_weight W: [V, d]; the reference passes only its
-    hidden states, and its head defaults to the policy's (LoRA does not adapt the head).
+    hidden states, and its head defaults to the policy's (LoRA does not adapt the head). `cached` replaces the
+    reference forward by a reference cache's rows for the batch (`asft.reference_cache`: exact p_ref(y_t), the
+    forward KL as an unbiased sampled estimate).
     """
     from asft.chunked_loss import chunked_loss_from_hidden  # imported here: the kernel builds on this module
 
     return chunked_loss_from_hidden(
-        hidden, lm_head_weight, labels, spec, ref_hidden, ref_lm_head_weight, num_target_tokens, chunk_size
+        hidden, lm_head_weight, labels, spec, ref_hidden, ref_lm_head_weight, num_target_tokens, chunk_size, cached
     )
 
 

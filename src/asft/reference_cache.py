@@ -212,11 +212,7 @@ def cached_loss_from_logits(
     ref_p = exp(cached target_logp) (exact); the anchor is the sampled forward-KL estimate (unbiased, value and
     gradient). The `kl` statistic is that estimate's mean.
     """
-    if spec.kl_weight > 0 and spec.kl_direction not in supported_kl_directions():
-        raise ValueError(
-            f"kl_direction {spec.kl_direction!r} cannot use a cached reference; supported: "
-            f"{sorted(supported_kl_directions())}"
-        )
+    check_cached_direction(spec)
     mask, targets = shifted_targets(labels)
     n = targets.numel()
     check_alignment(cached, targets)
@@ -237,6 +233,15 @@ def cached_loss_from_logits(
     if spec.kl_weight > 0:
         loss = loss + spec.kl_weight * kl.sum() / norm
     return loss, batch_stats(loss, ce, weights, kl)
+
+
+def check_cached_direction(spec: LossSpec) -> None:
+    """Refuse an anchor a cache cannot estimate (`supported_kl_directions`) before any work."""
+    if spec.kl_weight > 0 and spec.kl_direction not in supported_kl_directions():
+        raise ValueError(
+            f"kl_direction {spec.kl_direction!r} cannot use a cached reference; supported: "
+            f"{sorted(supported_kl_directions())}"
+        )
 
 
 def check_alignment(cached: Stats, targets: torch.Tensor) -> None:

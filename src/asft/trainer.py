@@ -183,15 +183,6 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
         head = causal_lm.get_output_embeddings()
 
         def compute() -> tuple[torch.Tensor, dict]:
-            if cached is not None:
-                # First increment: full logits in autograd (asft.reference_cache.cached_loss_from_logits); a chunked
-                # kernel reading the cache (asft.chunked_loss) is still to come.
-                from asft.reference_cache import cached_loss_from_logits
-
-                logits = hidden.to(head.weight.dtype) @ head.weight.T
-                return cached_loss_from_logits(
-                    logits, inputs["labels"], self.loss_spec, cached, num_target_tokens=num_target_tokens
-                )
             with gathered_head(ref_head):
                 return loss_from_hidden(
                     hidden,
@@ -202,6 +193,7 @@ class WeightedSFTTrainer(TrainerInternals, SFTTrainer):
                     ref_lm_head_weight=ref_head,
                     num_target_tokens=num_target_tokens,
                     chunk_size=self.loss_chunk_size,
+                    cached=cached,
                 )
 
         loss, stats = loss_in_head_module(head, compute)
