@@ -11,17 +11,23 @@ import torch
 from asft.cli import main
 from asft.config import iter_runs, train_spec, validate_config
 from asft.data import read_instruction_jsonl
+from asft.matrix import reference_spec
 from asft.reference_cache import open_cache
 
 
-def _spec(config: dict, **training: object) -> dict:
+def _specs(config: dict, **training: object) -> tuple[dict, dict | None]:
+    """(the sft-lr run's train spec, its reference spec as the workflow's reference job gets it)."""
     config = copy.deepcopy(config)
     defaults = {"max_samples": 6, "per_device_train_batch_size": 4, "reference_samples": 4, "loss_chunk_size": 7}
     defaults["reference"] = "cached"  # the stage caches for cached runs; a live run's spec has no reference keys
     config["experiments"]["demo"]["training"].update({**defaults, **training})
     filled = validate_config(config)
     run = next(r for r in iter_runs(filled) if r.mode == "sft-lr")
-    return train_spec(filled, run)
+    return train_spec(filled, run), reference_spec(filled, run)
+
+
+def _spec(config: dict, **training: object) -> dict:
+    return _specs(config, **training)[0]
 
 
 def test_reference_cache_equals_a_live_forward(small_demo: Path, tmp_path: Path, config: dict) -> None:
@@ -92,9 +98,11 @@ def test_sft_lr_with_the_cache_trains_as_with_the_live_reference(
     model_dir, data = small_demo / "model", small_demo / "data/train.jsonl"
     common = {"max_samples": 8, "max_steps": 2, "logging_steps": 1, "save_steps": 10, "report_to": ["none"]}
     live_spec = _spec(config, reference="live", **common)
-    cached_spec = _spec(config, **common)
+    cached_spec, ref_spec = _specs(config, **common)
     assert cached_spec["loss"]["weighting"] == "ref_ratio" and cached_spec["loss"]["kl_weight"] == 0
-    build_reference_cache(model_dir, data, cached_spec, tmp_path / "ref")
+    # The cache is built from the reference job's spec (model, dataset, REFERENCE_SETTINGS), not the run's.
+    assert ref_spec is not None and "learning_rate" not in ref_spec["training"]
+    build_reference_cache(model_dir, data, ref_spec, tmp_path / "ref")
     train(model_dir, data, live_spec, tmp_path / "live", tmp_path / "ckpt-live")
     summary = train(
         model_dir, data, cached_spec, tmp_path / "cached", tmp_path / "ckpt-cached", reference_cache=tmp_path / "ref"

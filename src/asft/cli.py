@@ -221,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reference", help="cache the frozen reference's statistics over a run's training data")
     p.add_argument("--model", type=Path, required=True, help="base model directory (the reference)")
     p.add_argument("--data", type=Path, required=True, help="instruction/response JSONL, as given to `asft train`")
-    p.add_argument("--spec", type=_json_arg, required=True, help="JSON run spec (inline or @file): its training")
+    p.add_argument("--spec", type=_json_arg, required=True, help="JSON reference or run spec (inline or @file)")
     p.add_argument("--out", type=Path, required=True, help="the cache folder (written whole or not at all)")
-    p.add_argument("--batch-size", type=int, default=None, help="examples per forward (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward (no effect on the statistics)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K reference samples per token")
     p.set_defaults(func=_cmd_reference)
 

@@ -94,7 +94,7 @@ def _runtime(gpu_hours: float | None, gpus: int, unknown: int) -> int:
 
 def _reference_copy(config: Mapping[str, Any], run: Run, training: Mapping[str, Any]) -> bool:
     """A full fine-tune with a loss or log that reads the reference loads the model twice."""
-    if training["finetune"] == "lora":
+    if training["finetune"] == "lora" or training.get("reference") == "cached":
         return False
     mode = config["modes"][run.mode]
     return run.kl_weight > 0 or mode["weighting"] == "ref_ratio" or training["kl_log_every"] > 0
@@ -152,6 +152,25 @@ def train_request(config: Mapping[str, Any], run: Run, threads: int) -> Request:
         _runtime(hours, ranks * nodes, UNKNOWN_TRAIN_RUNTIME),
     )
     return _with_overrides(request, exp["resources"]["train"])
+
+
+def reference_request(config: Mapping[str, Any], run: Run, threads: int) -> Request:
+    """Caching a run's reference (`asft reference`): one no-grad forward of the base model over the training data,
+    on the GPUs an evaluation of the model gets."""
+    from asft.plan import Throughput, reference_flops
+
+    exp = config["experiments"][run.experiment]
+    size = parameters_b(config, run.model)
+    if device_of(config, run.experiment, run.model) == "cpu":
+        return _with_overrides(Request(0, 1, threads, BASE_CPU_JOB_MB, CPU_JOB_RUNTIME), exp["resources"]["reference"])
+    gpus = evaluation_gpus(config, run.experiment, run.model)
+    mem_mb = UNKNOWN_GPU_HOST_MB if size is None else math.ceil((BASE_HOST_GB + 1.5 * size * 2) * 1000)
+    flops, _ = reference_flops(config, run)
+    hours = None if flops is None else Throughput().gpu_hours("train", flops)
+    request = Request(
+        gpus, 1, exp["resources"]["cpus_per_gpu"] * gpus, mem_mb, _runtime(hours, gpus, UNKNOWN_EVAL_RUNTIME)
+    )
+    return _with_overrides(request, exp["resources"]["reference"])
 
 
 def merge_request(config: Mapping[str, Any], experiment: str, model: str, threads: int) -> Request:

@@ -85,6 +85,12 @@ def merged_dir(experiment: str, run_id: str) -> str:
     return f"{run_dir(experiment, run_id)}/merged"
 
 
+def reference_dir(model: str, dataset: str, key: str) -> str:
+    """A reference cache (training.reference: cached), shared by every run with the same reference spec (key:
+    `asft.matrix.reference_key`), whatever its experiment."""
+    return f"{RESULTS}/references/{model}/{dataset}/{key}"
+
+
 def eval_dir(experiment: str, run_id: str, benchmark: str) -> str:
     return f"{run_dir(experiment, run_id)}/eval/{benchmark}"
 
@@ -137,6 +143,10 @@ def train_job_log(experiment: str, run_id: str) -> str:
     return f"{LOGS}/{experiment}/train/{run_id}.log"
 
 
+def reference_job_log(model: str, dataset: str, key: str) -> str:
+    return f"{LOGS}/references/{model}/{dataset}/{key}.log"
+
+
 def merge_job_log(experiment: str, run_id: str) -> str:
     return f"{LOGS}/{experiment}/merge/{run_id}.log"
 
@@ -167,6 +177,7 @@ RUN_ID_WILDCARDS = run_id("{model}", "{dataset}", "{mode_label}", "{seed}")
 RUN_WILDCARDS = run_dir("{experiment}", RUN_ID_WILDCARDS)
 TRAIN_WILDCARDS = train_dir("{experiment}", RUN_ID_WILDCARDS)
 MERGED_WILDCARDS = merged_dir("{experiment}", RUN_ID_WILDCARDS)
+REFERENCE_WILDCARDS = reference_dir("{model}", "{dataset}", "{reference_key}")
 EVAL_WILDCARDS = eval_dir("{experiment}", RUN_ID_WILDCARDS, "{benchmark}")
 SNAPSHOT_EVAL_WILDCARDS = snapshot_eval_dir("{experiment}", RUN_ID_WILDCARDS, "{step}", "{benchmark}")
 BASE_EVAL_WILDCARDS = base_eval_dir("{experiment}", "{model}", "{benchmark}")
@@ -184,6 +195,7 @@ FETCH_DATASET_LOG_WILDCARDS = fetch_job_log("dataset", "{dataset}")
 FETCH_BENCHMARK_LOG_WILDCARDS = fetch_job_log("benchmark", "{benchmark}")
 TRAIN_LOG_WILDCARDS = train_job_log("{experiment}", RUN_ID_WILDCARDS)
 MERGE_LOG_WILDCARDS = merge_job_log("{experiment}", RUN_ID_WILDCARDS)
+REFERENCE_LOG_WILDCARDS = reference_job_log("{model}", "{dataset}", "{reference_key}")
 EVAL_LOG_WILDCARDS = eval_job_log("{experiment}", RUN_ID_WILDCARDS, "{benchmark}")
 SNAPSHOT_EVAL_LOG_WILDCARDS = snapshot_eval_job_log("{experiment}", RUN_ID_WILDCARDS, "{step}", "{benchmark}")
 BASE_EVAL_LOG_WILDCARDS = base_eval_job_log("{experiment}", "{model}", "{benchmark}")

@@ -105,6 +105,52 @@ def run_training(config: Mapping[str, Any], run: Run) -> dict:
     return training
 
 
+# The training keys a reference cache depends on (asft.reference_stage): what decides the target tokens (template,
+# max_length, the examples), what the reference computes in (dtype, trust_remote_code), and K. Nothing else: runs
+# that differ in learning rate, mode, KL weight or seed share one cache.
+REFERENCE_SETTINGS = (
+    "template",
+    "max_length",
+    "max_samples",
+    "dtype",
+    "trust_remote_code",
+    "reference",
+    "reference_samples",
+)
+
+
+def reference_spec(config: Mapping[str, Any], run: Run) -> dict | None:
+    """What the run's reference cache is built from, or None for a live reference: the model, the dataset and
+    `REFERENCE_SETTINGS` of its training block (the run's sweep applied)."""
+    training = run_training(config, run)
+    if training.get("reference", LIVE_REFERENCE) == LIVE_REFERENCE:
+        return None
+    return {
+        "model": run.model,
+        "dataset": run.dataset,
+        "training": {key: training[key] for key in REFERENCE_SETTINGS},
+    }
+
+
+def reference_key(spec: Mapping[str, Any]) -> str:
+    """A short content key of a reference spec: the cache's folder name, so equal specs share one job."""
+    import hashlib
+
+    return hashlib.sha256(canonical_json(dict(spec)).encode()).hexdigest()[:12]
+
+
+def reference_jobs(config: Mapping[str, Any]) -> dict[tuple[str, str, str], tuple[dict, Run]]:
+    """Every reference cache the config needs, by (model, dataset, key), with its spec and the first run (config
+    order) that reads it: one job per distinct reference spec, however many runs, modes, seeds or experiments
+    read it."""
+    jobs: dict[tuple[str, str, str], tuple[dict, Run]] = {}
+    for run in iter_runs(config):
+        spec = reference_spec(config, run)
+        if spec is not None:
+            jobs.setdefault((run.model, run.dataset, reference_key(spec)), (spec, run))
+    return jobs
+
+
 def iter_runs(config: Mapping[str, Any], experiment: str | None = None) -> Iterator[Run]:
     """Expand experiments into runs; `kl_weights` sweeps only modes that have a KL anchor."""
     for exp_name in config["experiments"]:

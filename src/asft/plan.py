@@ -161,13 +161,29 @@ def train_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tupl
     # LoRA: no weight gradients for the frozen weights, only the gradients flowing through them
     policy = (4.0 if training["finetune"] == "lora" else 6.0) * n * per_step * shape.steps
     mode = config["modes"][run.mode]
-    if run.kl_weight > 0 or mode["weighting"] == "ref_ratio":
+    if training.get("reference") == "cached":  # read from the cache: its one forward is `reference_flops`
+        ref_steps = 0
+    elif run.kl_weight > 0 or mode["weighting"] == "ref_ratio":
         ref_steps = shape.steps
     elif training["kl_log_every"] > 0:  # the trainer runs the reference on steps 0, k, 2k, ...
         ref_steps = math.ceil(shape.steps / training["kl_log_every"])
     else:
         ref_steps = 0
     return policy + 2.0 * n * per_step * ref_steps, ()
+
+
+def reference_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tuple[str, ...]]:
+    """Building a run's reference cache: 2·N·T over one pass of the examples (a forward, no gradient)."""
+    shape = train_shape(config, run)
+    params_b = config["models"][run.model].get("parameters_b")
+    epochs = max(1.0, float(run_training(config, run)["num_train_epochs"]))
+    missing = [f"models.{run.model}.parameters_b"] if params_b is None else []
+    if shape.steps is None or shape.tokens_per_example is None:
+        missing.append(f"datasets.{run.dataset}.examples/mean_tokens")
+    if missing:
+        return None, tuple(missing)
+    assert params_b is not None and shape.steps is not None and shape.tokens_per_example is not None
+    return 2.0 * params_b * 1e9 * shape.global_batch * shape.tokens_per_example * shape.steps / epochs, ()
 
 
 def eval_flops(config: Mapping[str, Any], evaluation: Evaluation) -> tuple[float | None, tuple[str, ...]]:

@@ -22,6 +22,9 @@ from asft.dtypes import training_dtype
 from asft.losses import shifted_targets
 from asft.trainer import final_hidden_states
 
+# Target rows per logits chunk: at most this × vocabulary floats exist at once.
+REFERENCE_CHUNK_ROWS = 1024
+
 # Files of a model directory that decide its tokenisation (those present are hashed).
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -61,16 +64,16 @@ def cache_identity(model_dir: Path, data_path: Path, settings: dict) -> dict[str
 
 def prepared_examples(model: Any, tokenizer: Any, data_path: Path, settings: dict, dtype: torch.dtype) -> tuple:
     """(tokenised dataset with example_id, input_ids, labels; the collator): SFTTrainer's own preparation with the
-    run's SFTConfig, exactly as `asft.training.train` builds it (no adapter: the reference is the base model)."""
-    from trl import SFTTrainer
+    tokenisation fields of the run's SFTConfig (`asft.training.tokenisation_args`), as `asft.training.train`
+    prepares its data (no adapter: the reference is the base model)."""
+    from trl import SFTConfig, SFTTrainer
 
-    from asft.training import _sft_config, training_dataset
+    from asft.training import tokenisation_args, training_dataset
 
     dataset = training_dataset(data_path, settings, with_ids=True)
     with tempfile.TemporaryDirectory(prefix="asft-reference-") as scratch:
-        # Tokenisation reads only the template's rows, max_length and the packing/completion settings: no
-        # DeepSpeed or trackers for this throwaway trainer.
-        args = _sft_config({**settings, "deepspeed": None, "report_to": []}, 0, Path(scratch), dtype, accumulation=1)
+        # A throwaway trainer used only for its data preparation: no mixed precision, DeepSpeed or trackers.
+        args = SFTConfig(output_dir=scratch, report_to="none", bf16=False, fp16=False, **tokenisation_args(settings))
         trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     prepared = trainer.train_dataset
     if "example_id" not in prepared.column_names:
@@ -84,13 +87,14 @@ def build_reference_cache(
     data_path: Path,
     spec: dict,
     out: Path,
-    batch_size: int | None = None,
+    batch_size: int = 8,
     seed: int = 0,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Write the reference cache of (model_dir, data_path, spec["training"]) to `out`; returns a summary.
 
-    Examples go in file order, `batch_size` at a time (default: the run's per_device_train_batch_size); the K
+    spec: a run's spec or its reference spec (`asft.matrix.reference_spec`: model, dataset and the training keys
+    of `REFERENCE_SETTINGS`). Examples go in file order, `batch_size` at a time; the K
     samples per token (training.reference_samples) come from `reference_cache.sampling_generator(seed, device)`.
     """
     from asft.training import _load
@@ -105,8 +109,7 @@ def build_reference_cache(
     prepared, collator = prepared_examples(model, tokenizer, Path(data_path), settings, dtype)
     head = model.get_output_embeddings().weight
     k = settings["reference_samples"]
-    batch_size = batch_size or settings["per_device_train_batch_size"]
-    chunk = settings["loss_chunk_size"]
+    chunk = REFERENCE_CHUNK_ROWS
     generator = reference_cache.sampling_generator(seed, device)
     identity = cache_identity(Path(model_dir), Path(data_path), settings)
     with reference_cache.write_cache(out, identity, k, seed) as writer:

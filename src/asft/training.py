@@ -72,6 +72,17 @@ def _lora_config(settings: dict) -> Any:
     )
 
 
+def tokenisation_args(settings: dict) -> dict[str, Any]:
+    """The SFTConfig fields that decide how examples become input_ids and labels: shared by training and the
+    reference stage (asft.reference_stage), so a reference cache aligns with the batches a run draws."""
+    return {
+        "max_length": settings["max_length"],
+        "completion_only_loss": True,
+        "packing": False,
+        "dataset_num_proc": None,
+    }
+
+
 def _sft_config(
     settings: dict,
     seed: int,
@@ -97,7 +108,6 @@ def _sft_config(
         per_device_train_batch_size=settings["per_device_train_batch_size"],
         gradient_accumulation_steps=accumulation,
         activation_checkpointing=settings["gradient_checkpointing"],
-        max_length=settings["max_length"],
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         logging_steps=settings["logging_steps"],
@@ -107,9 +117,7 @@ def _sft_config(
         deepspeed=settings["deepspeed"],
         # Reuse the distributed state `configure_cpu_deepspeed` set up instead of building a new one.
         **({"accelerator_config": {"use_configured_state": True}} if use_configured_state else {}),
-        completion_only_loss=True,
-        packing=False,
-        dataset_num_proc=None,
+        **tokenisation_args(settings),
         disable_tqdm=False,
     )
 

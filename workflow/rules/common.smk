@@ -24,8 +24,18 @@ from asft.config import (
     train_spec,
     validate_config,
 )
-from asft.job_resources import evaluate_request, merge_request, train_request
-from asft.matrix import without_planning
+from asft.job_resources import (
+    evaluate_request,
+    merge_request,
+    reference_request,
+    train_request,
+)
+from asft.matrix import (
+    reference_jobs,
+    reference_key,
+    reference_spec,
+    without_planning,
+)
 from asft.slurm_limits import JobAsk, check_requests, read_sinfo
 from asft.records import metrics_path
 from asft.source_lock import lock_for, read_lock
@@ -48,6 +58,8 @@ RUNS_BY_ID = runs_by_id(config)
 JOB_THREADS = 1 if config["scale"] == "smoke" else 2
 # Runs and evaluations that several experiments define identically are done once (asft.sharing).
 SHARED = SharedWork(config)
+# Reference caches (training.reference: cached) by (model, dataset, key): one job per distinct reference spec.
+REFERENCES = reference_jobs(config)
 # The paper's tables and figures (asft.paper), planned only for `catalogue: paper`.
 if config["catalogue"] == "paper":
     from asft.paper.targets import (
@@ -74,6 +86,7 @@ wildcard_constraints:
     mode_label=r"[^/]+",
     seed=r"\d+",
     step=r"\d+",
+    reference_key=r"[0-9a-f]{12}",
 
 
 # --- the matrix ---------------------------------------------------------------------------------------------------
@@ -163,6 +176,31 @@ def train_checkpoints(wildcards) -> str:
     return layout.checkpoints_dir(wildcards.experiment, run_id_of(wildcards))
 
 
+def train_reference(wildcards) -> list[str]:
+    """The run's reference cache, for training.reference: cached; nothing for a live reference."""
+    spec = reference_spec(config, run_of(wildcards))
+    if spec is None:
+        return []
+    return [layout.reference_dir(spec["model"], spec["dataset"], reference_key(spec))]
+
+
+def reference_option(wildcards, input) -> str:
+    return f"--reference {input.reference}" if input.reference else ""
+
+
+def reference_entry(wildcards) -> tuple:
+    key = (wildcards.model, wildcards.dataset, wildcards.reference_key)
+    if key not in REFERENCES:
+        raise WorkflowError(
+            f"no run of the config reads the reference cache {layout.reference_dir(*key)}"
+        )
+    return REFERENCES[key]
+
+
+def reference_params(wildcards) -> str:
+    return canonical_json(reference_entry(wildcards)[0])
+
+
 def merge_dtype(wildcards) -> str:
     return merge_spec(config, wildcards.experiment)["dtype"]
 
@@ -185,6 +223,12 @@ def train_resources(experiment: str, run_id: str) -> dict:
 
 
 @cache
+def reference_resources(model: str, dataset: str, key: str) -> dict:
+    _, run = REFERENCES[(model, dataset, key)]
+    return reference_request(config, run, JOB_THREADS).resources()
+
+
+@cache
 def merge_resources(experiment: str, model: str) -> dict:
     return merge_request(config, experiment, model, JOB_THREADS).resources()
 
@@ -201,6 +245,15 @@ def train_resource(name: str):
 
     def resource(wildcards):
         return train_resources(wildcards.experiment, run_id_of(wildcards))[name]
+
+    return resource
+
+
+def reference_resource(name: str):
+    def resource(wildcards):
+        return reference_resources(
+            wildcards.model, wildcards.dataset, wildcards.reference_key
+        )[name]
 
     return resource
 
