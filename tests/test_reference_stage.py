@@ -6,6 +6,7 @@ import copy
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from asft.cli import main
@@ -15,14 +16,14 @@ from asft.matrix import reference_spec
 from asft.reference_cache import open_cache
 
 
-def _specs(config: dict, **training: object) -> tuple[dict, dict | None]:
-    """(the sft-lr run's train spec, its reference spec as the workflow's reference job gets it)."""
+def _specs(config: dict, mode: str = "sft-lr", **training: object) -> tuple[dict, dict | None]:
+    """(the mode's run's train spec, its reference spec as the workflow's reference job gets it)."""
     config = copy.deepcopy(config)
     defaults = {"max_samples": 6, "per_device_train_batch_size": 4, "reference_samples": 4, "loss_chunk_size": 7}
     defaults["reference"] = "cached"  # the stage caches for cached runs; a live run's spec has no reference keys
     config["experiments"]["demo"]["training"].update({**defaults, **training})
     filled = validate_config(config)
-    run = next(r for r in iter_runs(filled) if r.mode == "sft-lr")
+    run = next(r for r in iter_runs(filled) if r.mode == mode)
     return train_spec(filled, run), reference_spec(filled, run)
 
 
@@ -166,3 +167,61 @@ def test_the_reference_stage_refuses_a_live_spec(small_demo: Path, tmp_path: Pat
     with pytest.raises(ConfigError, match="training.reference: cached"):
         build_reference_cache(model_dir, data, _spec(config, reference="live"), tmp_path / "ref")
     assert not (tmp_path / "ref").exists()
+
+
+@pytest.mark.slow
+def test_cached_asft_on_two_zero3_ranks_equals_one_process(
+    small_demo: Path, tmp_path: Path, config: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Full fine-tuning of asft with a cached reference under ZeRO-3 on 2 CPU ranks (each accumulating 2 micro-
+    batches) gives the update of one process accumulating the same 4: every rank reads its own examples' rows
+    by id, and the cache's samples are fixed, so both agree to float32 rounding. No reference copy is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    import asft.training
+    from asft.reference_stage import build_reference_cache
+    from asft.training import train
+
+    model_dir, data = small_demo / "model", small_demo / "data/train.jsonl"
+    common = dict(max_samples=16, max_steps=2, per_device_train_batch_size=2, optim="sgd", learning_rate=0.05)
+    common |= dict(lr_scheduler_type="constant", finetune="full", logging_steps=1, kl_log_every=1, save_steps=10)
+    common |= dict(report_to=["none"], gradient_checkpointing=True)
+    single_spec, ref_spec = _specs(config, "asft", gradient_accumulation_steps=4, **common)
+    zero3 = str(Path(__file__).resolve().parents[1] / "config" / "deepspeed" / "zero3.json")
+    ranks_spec, _ = _specs(config, "asft", gradient_accumulation_steps=2, num_processes=2, deepspeed=zero3, **common)
+    build_reference_cache(model_dir, data, ref_spec, tmp_path / "ref")
+
+    loads = []
+    real_load = asft.training._load
+
+    def recording_load(*args: object, **kwargs: object) -> object:
+        loads.append(kwargs.get("with_reference", args[3] if len(args) > 3 else None))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(asft.training, "_load", recording_load)
+    train(model_dir, data, single_spec, tmp_path / "single", tmp_path / "c1", reference_cache=tmp_path / "ref")
+    assert loads == [False]  # asft needs the reference, and it is read from the cache: no frozen copy
+
+    command = [sys.executable, "-m", "asft.cli", "train", "--model", str(model_dir), "--data", str(data)]
+    command += ["--spec", json.dumps(ranks_spec), "--out", str(tmp_path / "ranks"), "--checkpoints"]
+    command += [str(tmp_path / "c2"), "--reference", str(tmp_path / "ref")]
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"DS_ACCELERATOR": "cpu"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env | {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((tmp_path / "ranks" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+    expected, actual = load_file(tmp_path / "single/model.safetensors"), load_file(tmp_path / "ranks/model.safetensors")
+    start = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(expected[name], start[name]) for name in expected if name in start)
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    logs = [
+        [json.loads(line) for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+        for run in ("single", "ranks")
+    ]
+    for a, b in zip(*logs, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["kl"] == pytest.approx(a["kl"], rel=1e-3, abs=1e-6)

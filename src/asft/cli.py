@@ -114,6 +114,19 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_reference_check(args: argparse.Namespace) -> None:
+    from asft.config import ConfigError, read_config_file, validate_config
+    from asft.reference_check import write_report
+
+    raw = read_config_file(args.config)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{args.config}: the top level must be a mapping")
+    config = validate_config(raw, source=str(args.config))
+    rows = write_report(config, args.workdir, args.benchmark, args.out)
+    print((args.out / "reference_check.md").read_text(), end="")
+    print(f"{len(rows)} rows; wrote {args.out}/reference_check.{{csv,md,png}}")
+
+
 def _cmd_reference(args: argparse.Namespace) -> None:
     from asft.reference_stage import build_reference_cache  # loads TRL: only where the stage runs
 
@@ -226,6 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward (no effect on the statistics)")
     p.add_argument("--seed", type=int, default=0, help="seed of the K reference samples per token")
     p.set_defaults(func=_cmd_reference)
+
+    p = sub.add_parser("reference-check", help="cached vs live reference: accuracy and KL over seeds, with CIs")
+    p.add_argument(
+        "--config", type=Path, required=True, help="the config the workflow ran (config/reference_cache.yaml)"
+    )
+    p.add_argument("--workdir", type=Path, default=Path("."), help="where snakemake ran (holds results/)")
+    p.add_argument("--benchmark", required=True, help="the benchmark to compare accuracy on")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_reference_check)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("--base", type=Path, required=True)
