@@ -103,3 +103,26 @@ def test_dry_run_plans_the_reference_jobs_and_passes_the_cache_to_training(tmp_p
     assert len(references) == 3
     assert all(path.startswith(f"{layout.RESULTS}/references/tiny/arith/") for path in references)
     assert all("/cached/" in line for line in cached)
+
+
+def test_plan_counts_reference_jobs_instead_of_reference_forwards() -> None:
+    """`asft plan`: a cached anchored run's FLOPs are the policy's alone, and each cache is one job of one forward
+    pass over the examples; `--reference` plans a config as if every experiment used that reference."""
+    from asft.config_checks import with_reference
+    from asft.plan import build_plan, reference_flops, rows_by_experiment, train_flops
+
+    raw = _check_config()
+    raw["models"]["tiny"]["parameters_b"] = 1.0
+    raw["datasets"]["arith"] |= {"examples": 512, "mean_tokens": 100}
+    config = validate_config(raw)
+    live = next(r for r in iter_runs(config, "live") if r.mode == "asft")
+    cached = next(r for r in iter_runs(config, "cached") if r.mode == "asft")
+    n_tokens = 40 * 16 * 100  # max_steps x batch x tokens
+    assert train_flops(config, live)[0] == (4 + 2) * 1e9 * n_tokens  # LoRA policy + a reference forward per step
+    assert train_flops(config, cached)[0] == 4 * 1e9 * n_tokens
+    assert reference_flops(config, cached)[0] == 2 * 1e9 * 512 * 100  # each of the 512 examples once
+    assert rows_by_experiment(build_plan(config))[-1].reference_jobs == 3
+    assert rows_by_experiment(build_plan(validate_config(with_reference(raw, "live"))))[-1].reference_jobs == 0
+    reverse = copy.deepcopy(raw)
+    reverse["modes"]["asft"]["kl_direction"] = "reverse"
+    assert "reference" not in with_reference(reverse, "cached")["experiments"]["live"]["training"]

@@ -60,6 +60,10 @@ def _cmd_plan(args: argparse.Namespace) -> None:
         if not sep or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
         raw[key] = yaml.safe_load(value)
+    if args.reference:
+        from asft.config_checks import with_reference
+
+        raw = with_reference(raw, args.reference)
     config = validate_config(raw, source=str(args.config))
     rates = {"train_tflops": args.train_tflops, "eval_tflops": args.eval_tflops}
     print(render(config, args.by, args.format, Throughput(**{k: v for k, v in rates.items() if v is not None})))
@@ -188,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="top-level override (repeatable)")
     p.add_argument("--by", choices=["experiment", "table"], default="experiment", help="rows per experiment or target")
+    p.add_argument(
+        "--reference",
+        choices=["live", "cached"],
+        help="plan every experiment with this training.reference (cached: where its anchors allow it)",
+    )
     p.add_argument("--format", choices=["text", "csv"], default="text")
     # defaults live in asft.plan, which is imported only when planning (it pulls in pandas)
     p.add_argument("--train-tflops", type=float, help="achieved TFLOP/s per GPU (default: H100 peak x 30%% MFU)")

@@ -336,3 +336,19 @@ def _cached_reference_problems(config: dict, exp_name: str, training: dict, poin
         f"experiments.{exp_name}.training.reference{_at_point(point)}: cached supports only kl_direction forward, "
         f"but modes {reverse} anchor with kl_direction reverse (modes.<name>.kl_direction); use reference: live"
     ]
+
+
+def with_reference(raw: dict, reference: str) -> dict:
+    """A copy of a raw config with training.reference set in every experiment, except `cached` where a mode
+    anchors with reverse KL (which a cache cannot estimate): what-if planning (`asft plan --reference`)."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    modes = raw.get("modes") or {}
+    for exp in (raw.get("experiments") or {}).values():
+        reverse = any((modes.get(name) or {}).get("kl_direction") == "reverse" for name in exp.get("modes") or [])
+        if reference == "cached" and reverse:
+            continue
+        # a new dict: YAML anchors may share one training block between experiments
+        exp["training"] = {**(exp.get("training") or {}), "reference": reference}
+    return raw

@@ -19,7 +19,7 @@ import pandas as pd
 
 from asft.config_checks import gradient_accumulation_steps
 from asft.evaluation.benchmarks import CHOICE_FORMATS
-from asft.matrix import Run, eval_spec, run_training
+from asft.matrix import Run, eval_spec, reference_key, reference_spec, run_training
 from asft.sharing import Evaluation, SharedWork
 
 # H100 SXM bf16 dense peak is 989 TFLOP/s. Full fine-tuning under ZeRO-3 with short, padded sequences and
@@ -61,7 +61,7 @@ class Throughput:
 class Job:
     """One job of the workflow, once: `owner` is the experiment whose output every sharer reads."""
 
-    kind: str  # train | merge | evaluate
+    kind: str  # train | reference | merge | evaluate
     key: str
     owner: str
     flops: float | None  # None: an input is missing (merges are CPU work and carry 0)
@@ -94,6 +94,7 @@ class PlanRow:
 
     name: str
     train_jobs: int = 0
+    reference_jobs: int = 0  # reference caches (training.reference: cached); their hours are in train_gpu_hours
     merge_jobs: int = 0
     eval_jobs: int = 0
     reused_runs: int = 0
@@ -173,17 +174,21 @@ def train_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tupl
 
 
 def reference_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tuple[str, ...]]:
-    """Building a run's reference cache: 2·N·T over one pass of the examples (a forward, no gradient)."""
+    """Building a run's reference cache: 2·N·T over each training example once (a forward, no gradient)."""
     shape = train_shape(config, run)
     params_b = config["models"][run.model].get("parameters_b")
-    epochs = max(1.0, float(run_training(config, run)["num_train_epochs"]))
+    dataset, training = config["datasets"][run.dataset], run_training(config, run)
+    caps = [dataset.get("examples"), dataset.get("max_samples"), training.get("max_samples")]
+    known = [c for c in caps if c is not None]
+    drawn = None if shape.steps is None else shape.steps * shape.global_batch / max(1.0, training["num_train_epochs"])
+    examples = min(known + ([drawn] if drawn is not None else [])) if known or drawn is not None else None
     missing = [f"models.{run.model}.parameters_b"] if params_b is None else []
-    if shape.steps is None or shape.tokens_per_example is None:
+    if examples is None or shape.tokens_per_example is None:
         missing.append(f"datasets.{run.dataset}.examples/mean_tokens")
     if missing:
         return None, tuple(missing)
-    assert params_b is not None and shape.steps is not None and shape.tokens_per_example is not None
-    return 2.0 * params_b * 1e9 * shape.global_batch * shape.tokens_per_example * shape.steps / epochs, ()
+    assert params_b is not None and examples is not None and shape.tokens_per_example is not None
+    return 2.0 * params_b * 1e9 * examples * shape.tokens_per_example, ()
 
 
 def eval_flops(config: Mapping[str, Any], evaluation: Evaluation) -> tuple[float | None, tuple[str, ...]]:
@@ -230,6 +235,13 @@ def build_plan(config: Mapping[str, Any], throughput: Throughput | None = None) 
                 flops, missing = (None, ()) if smoke else train_flops(config, owner)
                 jobs[key] = Job("train", key, owner.experiment, flops, train_shape(config, owner).gpus, missing)
             needs[exp_name].append(Need(key, attrs))
+            ref_spec = reference_spec(config, owner)
+            if ref_spec is not None:  # one cache job per distinct reference spec (asft.matrix.reference_jobs)
+                ref_key = f"reference:{owner.model}/{owner.dataset}/{reference_key(ref_spec)}"
+                if ref_key not in jobs:
+                    flops, missing = (None, ()) if smoke else reference_flops(config, owner)
+                    jobs[ref_key] = Job("reference", ref_key, owner.experiment, flops, 1, missing)
+                needs[exp_name].append(Need(ref_key, attrs))
             if merged:  # the train key covers merge settings, so one merge per trained run
                 merge_key = f"merge:{owner.run_dir}"
                 jobs.setdefault(merge_key, Job("merge", merge_key, owner.experiment, 0.0))
@@ -252,6 +264,11 @@ def _row(name: str, plan: Plan, keys: Iterable[str], reused: Iterable[str] = ())
     gpus: list[int] = []
     for key in dict.fromkeys(keys):
         job = plan.jobs[key]
+        if job.kind == "reference":  # a forward pass over the training data: counted with training's hours
+            row.reference_jobs += 1
+            if job.flops is not None:
+                hours["train"] += plan.throughput.gpu_hours("train", job.flops)
+            continue
         if job.kind == "train":
             row.train_jobs += 1
             gpus.append(job.gpus)
@@ -355,7 +372,9 @@ def assumptions(plan: Plan) -> list[str]:
     lines = [
         "training FLOPs = 6*N*T for full fine-tuning, 4*N*T for LoRA (forward + activation gradients, no weight "
         "gradients for the frozen weights), + 2*N*T_ref for the frozen reference: every step when the mode has "
-        "kl_weight > 0 or weighting ref_ratio, else ceil(steps / kl_log_every) steps (0 = none)",
+        "kl_weight > 0 or weighting ref_ratio, else ceil(steps / kl_log_every) steps (0 = none); with "
+        "training.reference: cached none, and instead one 2*N*T_epoch reference-cache job per distinct reference "
+        "spec (counted in train GPU-h; the 'references' line)",
         "T = steps x global batch x min(datasets.<d>.mean_tokens, max_length); steps = max_steps if > 0 else "
         "ceil(examples x num_train_epochs / global batch), examples = datasets.<d>.examples capped by max_samples; "
         "global batch = per_device_train_batch_size x gradient_accumulation_steps (derived from global_batch_size "
@@ -425,6 +444,8 @@ def format_text(plan: Plan, rows: Sequence[PlanRow], by: str = "experiment") -> 
         )
     else:
         lines.append(f"\nall {total.train_jobs + total.eval_jobs} GPU jobs estimated.")
+    if total.reference_jobs:
+        lines.append(f"references: {total.reference_jobs} reference-cache jobs (training.reference: cached)")
     if by == "table":
         lines.append(
             "targets overlap (shared runs appear under each target that needs them); the total counts each job once."
