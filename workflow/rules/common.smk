@@ -300,7 +300,7 @@ def check_slurm_requests() -> None:
     if messages:
         raise WorkflowError(
             "\n".join(messages)
-            + "\nChange the experiment's training.num_processes/num_nodes or resources (train/evaluate/merge: "
+            + "\nChange the experiment's training.num_processes/num_nodes or resources (train/reference/evaluate/merge: "
             "cpus_per_task, mem_mb, runtime), or the profile's default-resources."
         )
 
