@@ -42,7 +42,7 @@ from asft.losses import (
     shifted_targets,
     token_weights,
 )
-from asft.reference_cache import cached_forward_kl_analytic, check_alignment, check_cached_direction
+from asft.reference_cache import cached_forward_kl, check_alignment, check_cached_direction
 
 # (logp, ref_logp, need_grad) -> (divergence [c], d divergence / d logits [c, V] or None), from log-probabilities
 # [c, V]. Overwrites ref_logp's storage: the kernel's own chunk buffer, reused to save a [c, V] allocation.
@@ -180,14 +180,10 @@ def _chunked_loss(
             logp = _chunk_log_probs(h, weight, dtype)
         ce[start:end] = -target_log_probs(logp, start, end)
         grad_anchor = None
-        if from_cache:  # exact ref_p; the forward KL and its gradient as the unbiased sampled estimate
+        if from_cache:  # exact ref_p; the forward KL as the unbiased sampled estimate (its gradient below)
             ref_p[start:end] = plan.cached_target_logp[start:end].exp()
-            kl[start:end], grad_anchor = cached_forward_kl_analytic(
-                logp,
-                plan.cached_sample_ids[start:end],
-                plan.cached_entropy[start:end],
-                need_grad and spec.kl_weight > 0,
-            )
+            sample_ids = plan.cached_sample_ids[start:end]
+            kl[start:end] = cached_forward_kl(logp.gather(-1, sample_ids), plan.cached_entropy[start:end])
         elif with_ref:
             if not shared_head:
                 ref_logp = _chunk_log_probs(plan.ref_hidden[start:end], plan.ref_weight, dtype)
@@ -199,9 +195,15 @@ def _chunked_loss(
         if not need_grad:
             continue
         scale = (weights[start:end] / norm)[:, None]
-        grad = logp.exp_().mul_(scale)  # (w/N)·p, in the log-probs' storage
+        cached_anchor = from_cache and spec.kl_weight > 0
+        # (w/N)·p in the log-probs' storage; with a cached anchor also its (λ/N)·(p − counts/K) (the estimate's
+        # gradient, `asft.reference_cache.cached_forward_kl_analytic`) folded in: no second [c, V] tensor.
+        grad = logp.exp_().mul_(scale + spec.kl_weight / norm if cached_anchor else scale)
         del logp
         grad.scatter_add_(-1, targets[start:end, None], -scale)
+        if cached_anchor:
+            k = sample_ids.shape[-1]
+            grad.scatter_add_(-1, sample_ids, grad.new_full(sample_ids.shape, -spec.kl_weight / (norm * k)))
         if grad_anchor is not None:
             grad.add_(grad_anchor, alpha=spec.kl_weight / norm)
             del grad_anchor

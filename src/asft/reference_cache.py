@@ -183,7 +183,8 @@ def cached_forward_kl_from_logits(
 def cached_forward_kl_analytic(
     logp: torch.Tensor, sample_ids: torch.Tensor, entropy: torch.Tensor, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(estimate [c], d estimate / d logits [c, V] or None) from log-probabilities [c, V]: the chunked kernel's form.
+    """(estimate [c], d estimate / d logits [c, V] or None) from log-probabilities [c, V]: the gradient that
+    `asft.chunked_loss` folds into its own gradient buffer, written out on its own (tested against autograd).
 
     d/dz = p − counts/K, the exact kernel's p − q with q replaced by the samples' empirical distribution
     (`asft.chunked_loss._kl_forward_analytic`).
