@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from asft import layout
@@ -126,3 +127,32 @@ def test_plan_counts_reference_jobs_instead_of_reference_forwards() -> None:
     reverse = copy.deepcopy(raw)
     reverse["modes"]["asft"]["kl_direction"] = "reverse"
     assert "reference" not in with_reference(reverse, "cached")["experiments"]["live"]["training"]
+
+
+def test_reference_check_summary_compares_each_cached_variant_with_live() -> None:
+    """`asft reference-check`'s table: seed means and SDs, the late KL, and each cached variant's paired
+    difference from live; a difference within the live seeds' SD is reported as within seed spread."""
+    from asft.reference_check import late_kl, markdown, summarise
+
+    def record(variant: str, seed: int, correct: list[int], kl: float) -> dict:
+        return {
+            "mode": "asft",
+            "variant": variant,
+            "seed": seed,
+            "accuracy": sum(correct) / len(correct),
+            "per_problem": {f"p{i}": float(c) for i, c in enumerate(correct)},
+            "kl_curve": [(step, kl * step / 8) for step in range(1, 9)],
+        }
+
+    assert late_kl([(1, 1.0), (2, 2.0), (3, 3.0), (4, 5.0)]) == 5.0  # the last quarter of the logged steps
+    live = [record("live", 0, [1, 1, 0, 0], 0.2), record("live", 1, [1, 0, 1, 1], 0.4)]  # seed SD 0.177
+    near = [record("cached K=16", 0, [1, 1, 0, 0], 0.3), record("cached K=16", 1, [1, 0, 1, 0], 0.3)]
+    far = [record("cached K=4", s, [1, 1, 1, 1], 0.9) for s in (0, 1)]
+    rows = summarise(live + near + far)
+    assert [r["variant"] for r in rows] == ["live", "cached K=16", "cached K=4"]
+    assert rows[0]["accuracy"] == 0.625 and "delta_accuracy" not in rows[0]
+    assert rows[1]["delta_accuracy"] == pytest.approx(-0.125) and rows[1]["within_seed_spread"]
+    assert rows[2]["delta_accuracy"] == pytest.approx(0.375) and not rows[2]["within_seed_spread"]
+    assert rows[2]["delta_late_kl"] == pytest.approx(0.9 * 0.9375 - 0.3 * 0.9375)
+    table = markdown(rows)
+    assert "| asft | cached K=4 | 2 | 100.0 (0.0)" in table and "| no |" in table
