@@ -103,14 +103,25 @@ def build_reference_cache(
     if settings.get("reference", "live") != "cached":  # a live spec carries no reference_samples (asft.matrix)
         raise ConfigError("`asft reference` caches the reference of a run with training.reference: cached only")
     dtype = training_dtype(settings["dtype"])
-    tokenizer, model, _ = _load(Path(model_dir), dtype, settings["trust_remote_code"], with_reference=False)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval().requires_grad_(False)
+    if device is None and torch.cuda.device_count() > 1:
+        # A model too big for one GPU (a 70B reference job asks for several, asft.job_resources): its layers are
+        # spread over the job's GPUs by accelerate; inputs go to the first, the head's rows stay on the last.
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        trust = settings["trust_remote_code"]
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=trust, device_map="auto")
+        device = str(model.get_input_embeddings().weight.device)
+    else:
+        tokenizer, model, _ = _load(Path(model_dir), dtype, settings["trust_remote_code"], with_reference=False)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+    model.eval().requires_grad_(False)
     prepared, collator = prepared_examples(model, tokenizer, Path(data_path), settings, dtype)
     head = model.get_output_embeddings().weight
     k = settings["reference_samples"]
     chunk = REFERENCE_CHUNK_ROWS
-    generator = reference_cache.sampling_generator(seed, device)
+    generator = reference_cache.sampling_generator(seed, head.device)
     identity = cache_identity(Path(model_dir), Path(data_path), settings)
     with reference_cache.write_cache(out, identity, k, seed) as writer:
         for start in range(0, len(prepared), batch_size):
@@ -120,8 +131,8 @@ def build_reference_cache(
             batch = collator([{"input_ids": i, "labels": lab} for i, lab in pairs])
             input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)
             hidden = final_hidden_states(model, model, input_ids, batch["attention_mask"].to(device))
-            mask, targets = shifted_targets(labels)
-            target_hidden = hidden[:, :-1][mask]
+            mask, targets = shifted_targets(labels.to(head.device))
+            target_hidden = hidden.to(head.device)[:, :-1][mask]
             parts = []
             for c in range(0, targets.numel(), chunk):
                 logits = target_hidden[c : c + chunk].to(head.dtype) @ head.T  # as asft.chunked_loss builds them
