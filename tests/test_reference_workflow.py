@@ -149,10 +149,10 @@ def test_reference_check_summary_compares_each_cached_variant_with_live() -> Non
     near = [record("cached K=16", 0, [1, 1, 0, 0], 0.3), record("cached K=16", 1, [1, 0, 1, 0], 0.3)]
     far = [record("cached K=4", s, [1, 1, 1, 1], 0.9) for s in (0, 1)]
     rows = summarise(live + near + far)
-    assert [r["variant"] for r in rows] == ["live", "cached K=16", "cached K=4"]
+    assert [r["variant"] for r in rows] == ["live", "cached K=4", "cached K=16"]  # live, then by K
     assert rows[0]["accuracy"] == 0.625 and "delta_accuracy" not in rows[0]
-    assert rows[1]["delta_accuracy"] == pytest.approx(-0.125) and rows[1]["within_seed_spread"]
-    assert rows[2]["delta_accuracy"] == pytest.approx(0.375) and not rows[2]["within_seed_spread"]
-    assert rows[2]["delta_late_kl"] == pytest.approx(0.9 * 0.9375 - 0.3 * 0.9375)
+    assert rows[2]["delta_accuracy"] == pytest.approx(-0.125) and rows[2]["within_seed_spread"]
+    assert rows[1]["delta_accuracy"] == pytest.approx(0.375) and not rows[1]["within_seed_spread"]
+    assert rows[1]["delta_late_kl"] == pytest.approx(0.9 * 0.9375 - 0.3 * 0.9375)
     table = markdown(rows)
     assert "| asft | cached K=4 | 2 | 100.0 (0.0)" in table and "| no |" in table

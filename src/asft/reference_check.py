@@ -35,6 +35,11 @@ def variant(config: Mapping[str, Any], run: Run) -> str:
     return f"cached K={training['reference_samples']}"
 
 
+def variant_order(name: str) -> tuple[int, int]:
+    """live first, then the cached variants by K."""
+    return (0, 0) if name == LIVE else (1, int(name.rsplit("=", 1)[1]))
+
+
 def kl_curve(train_dir: Path) -> list[tuple[int, float]]:
     """(step, kl) from a run's training log, for the steps that logged a KL."""
     rows = [json.loads(line) for line in (train_dir / TRAIN_LOG).read_text().splitlines() if line.strip()]
@@ -90,7 +95,7 @@ def summarise(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for record in records:
         groups[(record["mode"], record["variant"])].append(record)
     rows = []
-    for (mode, name), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] != LIVE, item[0][1])):
+    for (mode, name), group in sorted(groups.items(), key=lambda item: (item[0][0], variant_order(item[0][1]))):
         accuracy = [r["accuracy"] for r in group]
         kls = [late_kl(r["kl_curve"]) for r in group]
         scores = _seed_mean([r["per_problem"] for r in group])
@@ -161,7 +166,7 @@ def plot(records: list[dict[str, Any]], rows: list[dict[str, Any]], out: Path) -
         for r in records:
             if r["mode"] == mode:
                 by_variant[r["variant"]].append(dict(r["kl_curve"]))
-        for name, curves in sorted(by_variant.items(), key=lambda item: (item[0] != LIVE, item[0])):
+        for name, curves in sorted(by_variant.items(), key=lambda item: variant_order(item[0])):
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             values = [[c[s] for c in curves] for s in steps]
             ax.plot(steps, [statistics.fmean(v) for v in values], label=name)
