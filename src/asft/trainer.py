@@ -2,8 +2,10 @@
 
 One policy forward stops at the final hidden states (no labels reach the model, so Hugging Face computes no second
 loss and no full logits) and, when the mode needs it, one no-grad reference forward: the same weights with the
-LoRA adapter disabled, or a frozen copy for full fine-tuning. The loss itself comes from `asft.losses`, chunked
-over tokens so no [T, V] tensor exists. Importing this module loads TRL: only the train stage imports it.
+LoRA adapter disabled, or a frozen copy for full fine-tuning; with `training.reference: cached` no reference
+forward at all: the batch's rows of the reference cache instead (`asft.reference_cache`). The loss itself comes
+from `asft.losses`, chunked over tokens so no [T, V] tensor exists. Importing this module loads TRL: only the train
+stage imports it.
 """
 
 from __future__ import annotations
