@@ -43,6 +43,17 @@ def test_gpus_nodes_and_host_memory_follow_the_config() -> None:
     assert train_request(plain, _run(plain, "sft"), 2).mem_mb == (32 + 8 * 2 * 2) * 1000  # kl_log_every reads it
 
 
+def test_weightings_that_read_the_reference_load_a_copy() -> None:
+    """Without an anchor or KL logging, only modes whose weights read p_ref (sft-lr, iw-sft) load the reference."""
+    raw = _raw()
+    raw["experiments"]["a"]["modes"] = ["sft", "sft-lr", "iw-sft"]
+    raw["experiments"]["a"]["training"].update(num_processes=8, global_batch_size=64, kl_log_every=0)
+    config = validate_config(raw)
+    assert train_request(config, _run(config, "sft"), 2).mem_mb == (32 + 8 * 1 * 2) * 1000
+    for mode in ("sft-lr", "iw-sft"):
+        assert train_request(config, _run(config, mode), 2).mem_mb == (32 + 8 * 2 * 2) * 1000, mode
+
+
 def test_multi_node_request_is_one_task_per_node() -> None:
     offload = "config/deepspeed/zero3_offload.json"
     config = _config(num_processes=8, num_nodes=2, global_batch_size=64, deepspeed=offload)

@@ -207,8 +207,13 @@ def test_train_spec_has_no_evaluation_settings(config: dict) -> None:
         "clip_mult": 3.0,
         "alpha": 1.0,
         "sft_weight": 0.0,
-    }
+    }  # iw_sft's own keys (iw_temp, iw_clip) stay out of other weightings' specs: finished runs keep their params
     assert "benchmarks" not in str(spec) and "sampling" not in str(spec)
+    config["modes"]["iw-sft"] = {"weighting": "iw_sft", "iw_clip": 4.0}
+    config["experiments"]["demo"]["modes"].append("iw-sft")
+    filled = validate_config(config)
+    iw = train_spec(filled, next(r for r in iter_runs(filled) if r.mode == "iw-sft"))
+    assert iw["loss"]["iw_temp"] == 1.0 and iw["loss"]["iw_clip"] == 4.0
 
 
 def test_sampling_presets_and_overrides(config: dict) -> None:

@@ -14,8 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from asft import chunked_loss, losses
 from asft.losses import LossSpec, count_target_tokens, loss_from_hidden, loss_from_logits
+from asft.matrix import REFERENCE_WEIGHTINGS
 
-WEIGHTINGS = ("none", "dft", "topk", "antiop", "ref_ratio")
+WEIGHTINGS = ("none", "dft", "topk", "antiop", "ref_ratio", "iw_sft")
 DIRECTIONS = ("forward", "reverse")
 CASES = list(itertools.product(WEIGHTINGS, DIRECTIONS, (0.0, 0.05)))
 EXAMPLES = settings(max_examples=12, deadline=None, derandomize=True, database=None)
@@ -34,6 +35,7 @@ def reference_loss(
     """Σ w·CE/N + λ·ΣKL/N written token by token, straight from the loss table of docs/ARCHITECTURE.md;
     returns (loss, ce/kl/weight means)."""
     tokens = []  # (logp row, ref logp row or None, target)
+    rows = []  # each token's sequence (batch row)
     for b in range(labels.shape[0]):
         for t in range(labels.shape[1] - 1):
             y = int(labels[b, t + 1])
@@ -42,6 +44,7 @@ def reference_loss(
             logp = torch.log_softmax(logits[b, t].double(), -1)
             ref = torch.log_softmax(ref_logits[b, t].double(), -1) if ref_logits is not None else None
             tokens.append((logp, ref, y))
+            rows.append(b)
     n = len(tokens)
     if n == 0:
         return logits.sum() * 0.0, {"ce": 0.0, "kl": 0.0, "weight_mean": 0.0}
@@ -66,6 +69,12 @@ def reference_loss(
         for (_, ref, y), c in zip(tokens, ce_values, strict=True):
             gap = min(1.0, max(-1.0, math.exp(float(ref[y])) - math.exp(-c)))
             weights.append(max(0.1, 1 + spec.alpha * gap))
+    elif spec.weighting == "iw_sft":  # one weight per sequence: its tokens' mean log p_θ/p_ref, scaled and clipped
+        log_ratios: dict[int, list[float]] = {}
+        for (_, ref, y), c, row in zip(tokens, ce_values, rows, strict=True):
+            log_ratios.setdefault(row, []).append(-c - float(ref[y]))
+        per_row = {row: min(spec.iw_clip, math.exp(spec.iw_temp * sum(r) / len(r))) for row, r in log_ratios.items()}
+        weights = [per_row[row] for row in rows]
     else:
         raise AssertionError(spec.weighting)
     kls = []
@@ -189,6 +198,109 @@ def test_topk_keeps_ties_at_the_threshold() -> None:
     assert stats["weight_mean"] == pytest.approx(1.0)
 
 
+# --- iw-SFT: one importance weight per sequence ---------------------------------------------------------------------
+
+# Two sequences of different lengths, V = 3. Row 0: two prompt labels, targets 0 and 2, one padding label; row 1: two
+# prompt labels, targets 1, 0, 2. Positions that predict nothing carry logits of 50 (they must not count).
+IW_LABELS = torch.tensor([[-100, -100, 0, 2, -100], [-100, -100, 1, 0, 2]])
+IW_LOGITS = [
+    [[50.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 2.0], [50.0, 0.0, 0.0], [0.0, 50.0, 0.0]],
+    [[50.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 50.0]],
+]
+IW_REF_LOGITS = [
+    [[0.0, 50.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 50.0], [50.0, 0.0, 0.0]],
+    [[0.0, 0.0, 50.0], [0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 3.0], [0.0, 50.0, 0.0]],
+]
+IW_TARGETS = {0: [(1, 0), (2, 2)], 1: [(1, 1), (2, 0), (3, 2)]}  # row -> (position, target) of its target tokens
+
+
+def _log_softmax_at(row: list[float], y: int) -> float:
+    return row[y] - math.log(sum(math.exp(x) for x in row))
+
+
+def _iw_hand(temp: float, clip: float) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """Per sequence: w = min(clip, exp(temp · mean over its targets of log p_θ − log p_ref)); and each token's CE."""
+    weights, ces = {}, {}
+    for b, targets in IW_TARGETS.items():
+        logp = [_log_softmax_at(IW_LOGITS[b][t], y) for t, y in targets]
+        ref_logp = [_log_softmax_at(IW_REF_LOGITS[b][t], y) for t, y in targets]
+        mean = sum(lp - rp for lp, rp in zip(logp, ref_logp, strict=True)) / len(targets)
+        weights[b] = min(clip, math.exp(temp * mean))
+        ces[b] = [-lp for lp in logp]
+    return weights, ces
+
+
+@pytest.mark.parametrize(
+    ("temp", "clip", "clipped"),
+    [(1.0, 16.0, False), (2.0, 4.0, True)],  # the authors' setting (no sequence clipped); row 0 clipped at 4
+)
+@pytest.mark.parametrize("num_target_tokens", [None, 8])
+def test_iw_sft_hand_computed(temp: float, clip: float, clipped: bool, num_target_tokens: int | None) -> None:
+    weights, ces = _iw_hand(temp, clip)
+    unclipped, _ = _iw_hand(temp, math.inf)
+    assert (unclipped[0] > clip) == clipped and unclipped[1] < 1 < unclipped[0]  # the premises of the cases
+    norm = 5 if num_target_tokens is None else num_target_tokens
+    expected = sum(weights[b] * sum(ces[b]) for b in IW_TARGETS) / norm
+    spec = LossSpec.from_config({"weighting": "iw_sft", "iw_temp": temp, "iw_clip": clip})
+    logits = torch.tensor(IW_LOGITS, dtype=torch.float64)
+    ref_logits = torch.tensor(IW_REF_LOGITS, dtype=torch.float64)
+
+    # the gradient w.r.t. the logits: w_s·(p − onehot(y))/N at each target position (w detached), 0 elsewhere
+    want_grad = torch.zeros_like(logits)
+    for b, targets in IW_TARGETS.items():
+        for t, y in targets:
+            exps = [math.exp(x) for x in IW_LOGITS[b][t]]
+            want_grad[b, t] = torch.tensor(
+                [weights[b] * (e / sum(exps) - (v == y)) / norm for v, e in enumerate(exps)], dtype=torch.float64
+            )
+
+    def full(z: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return loss_from_logits(z, IW_LABELS, spec, ref_logits, num_target_tokens)
+
+    def chunked(size: int) -> Callable[[torch.Tensor], tuple[torch.Tensor, dict]]:
+        eye = torch.eye(3, dtype=torch.float64)
+        return lambda z: loss_from_hidden(z, eye, IW_LABELS, spec, ref_logits, None, num_target_tokens, size)
+
+    for compute in (full, *(chunked(size) for size in (1, 2, 3, 5, 1024))):
+        z = logits.clone().requires_grad_()
+        loss, stats = compute(z)
+        loss.backward()
+        assert float(loss.detach()) == pytest.approx(expected, rel=1e-12)
+        assert stats["weight_mean"] == pytest.approx((2 * weights[0] + 3 * weights[1]) / 5, rel=1e-12)
+        assert stats["target_tokens"] == 5
+        torch.testing.assert_close(z.grad, want_grad, rtol=1e-12, atol=1e-15)
+
+
+def test_iw_sft_weights_are_per_sequence() -> None:
+    """token_weights gives every token of a sequence its sequence's weight, in `shifted_targets` order."""
+    weights, _ = _iw_hand(1.0, 16.0)
+    logits = torch.tensor(IW_LOGITS, dtype=torch.float64)
+    ref_logits = torch.tensor(IW_REF_LOGITS, dtype=torch.float64)
+    mask, targets = losses.shifted_targets(IW_LABELS)
+    ids = losses.target_sequence_ids(mask)
+    assert ids.tolist() == [0, 0, 1, 1, 1]
+    ce = -torch.log_softmax(logits[:, :-1][mask], -1).gather(-1, targets[:, None]).squeeze(-1)
+    ref_p = torch.softmax(ref_logits[:, :-1][mask], -1).gather(-1, targets[:, None]).squeeze(-1)
+    got = losses.token_weights(ce, ref_p, LossSpec(weighting="iw_sft"), ids)
+    assert got.tolist() == pytest.approx([weights[0]] * 2 + [weights[1]] * 3, rel=1e-12)
+    # a batch whose first row has no target tokens: the other rows' weights are unchanged
+    padded = torch.cat([torch.full((1, 5), -100), IW_LABELS])
+    assert losses.target_sequence_ids(padded[:, 1:] != -100).tolist() == [1, 1, 2, 2, 2]
+    shifted = losses.token_weights(ce, ref_p, LossSpec(weighting="iw_sft"), ids + 1)
+    assert torch.equal(shifted, got)
+    with pytest.raises(ValueError, match="sequence index"):
+        losses.token_weights(ce, ref_p, LossSpec(weighting="iw_sft"))
+    with pytest.raises(ValueError, match="reference"):
+        loss_from_logits(logits, IW_LABELS, LossSpec(weighting="iw_sft"))
+    with pytest.raises(ValueError, match="per_token or per_sequence"):
+        losses.Weighting(losses.weights_iw_sft, per_token=True, per_sequence=True)
+
+
+def test_planning_knows_which_weightings_read_the_reference() -> None:
+    """asft.matrix spells out (torch-free, for planning) the weightings that read p_ref; they must be the registry's."""
+    assert {name for name, w in losses.WEIGHTINGS.items() if w.needs_reference} == REFERENCE_WEIGHTINGS
+
+
 def test_reverse_kl_hand_value() -> None:
     hand = _hand_values()
     p = [math.exp(x - math.log(math.exp(2) + 2)) for x in (2.0, 0.0, 0.0)]
@@ -238,7 +350,15 @@ def test_paths_match_reference(
     extra: int,
     own_ref_head: bool,
 ) -> None:
-    spec = LossSpec(weighting=weighting, kl_direction=direction, kl_weight=kl_weight, keep_ratio=0.6, clip_mult=1.2)
+    spec = LossSpec(
+        weighting=weighting,
+        kl_direction=direction,
+        kl_weight=kl_weight,
+        keep_ratio=0.6,
+        clip_mult=1.2,
+        iw_temp=2.0,
+        iw_clip=1.5,  # some sequences clipped, some not
+    )
     tolerance = {"rtol": 1e-6, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
     hidden, weight, ref_hidden, labels = make_batch(**shape, dtype=dtype)
     # full fine-tuning: the reference is a frozen copy with its own head; LoRA: the policy's head
@@ -277,7 +397,8 @@ def test_paths_match_reference(
 
 
 @pytest.mark.parametrize(
-    ("weighting", "with_ref"), [(w, r) for w in WEIGHTINGS for r in (True, False) if r or w != "ref_ratio"]
+    ("weighting", "with_ref"),
+    [(w, r) for w in WEIGHTINGS for r in (True, False) if r or not losses.WEIGHTINGS[w].needs_reference],
 )
 @pytest.mark.parametrize("num_target_tokens", [None, 0, 7])
 def test_fully_masked_batch_is_zero_not_nan(weighting: str, with_ref: bool, num_target_tokens: int | None) -> None:
@@ -318,6 +439,8 @@ GA_CASES = [
     ("dft", "forward", 0.05),
     ("dft", "reverse", 0.05),
     ("ref_ratio", "reverse", 0.05),
+    ("iw_sft", "forward", 0.0),  # per sequence: micro-batches of whole rows leave every weight as it is
+    ("iw_sft", "reverse", 0.05),
 ]
 
 
@@ -378,6 +501,7 @@ class _LargestOutput(TorchDispatchMode):
         LossSpec(weighting="ref_ratio", kl_weight=0.05, kl_direction="reverse"),
         LossSpec(weighting="topk"),
         LossSpec(weighting="antiop", kl_weight=0.05),
+        LossSpec(weighting="iw_sft", kl_weight=0.05),
     ],
     ids=str,
 )
@@ -434,6 +558,12 @@ def registered() -> Iterator[None]:
     def _relative(ce: torch.Tensor, p: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
         return ce / ce.max()
 
+    @losses.register_weighting("test_per_row", per_sequence=True)  # each sequence's tokens share weight 1/|s|
+    def _per_row(
+        ce: torch.Tensor, p: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec, sequence_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return 1.0 / torch.bincount(sequence_ids)[sequence_ids].to(ce.dtype)
+
     @losses.register_anchor("test_l2")  # ½ Σ_v (p_v − q_v)²; the chunked path differentiates it by autograd
     def _l2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
         gap = logp.exp() - ref_logp.exp()
@@ -446,7 +576,7 @@ def registered() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("registered")
-@pytest.mark.parametrize("weighting", ["test_half", "test_relative"])
+@pytest.mark.parametrize("weighting", ["test_half", "test_relative", "test_per_row"])
 def test_registered_weighting_and_anchor_run_through_both_paths(weighting: str) -> None:
     spec = LossSpec.from_config({"weighting": weighting, "kl_weight": 0.3, "kl_direction": "test_l2"})
     hidden, weight, ref_hidden, labels = make_batch(4, batch=3, length=7, dim=4, vocab=6, masked=0.2)
@@ -456,7 +586,12 @@ def test_registered_weighting_and_anchor_run_through_both_paths(weighting: str) 
     logp = torch.log_softmax((h @ w.T)[:, :-1][mask], -1)
     ref_p = torch.softmax((ref_hidden @ w.detach().T)[:, :-1][mask], -1)
     ce = -logp.gather(-1, labels[:, 1:][mask][:, None]).squeeze(-1)
-    weights = torch.full_like(ce, 0.5) if weighting == "test_half" else (ce / ce.max()).detach()
+    if weighting == "test_half":
+        weights = torch.full_like(ce, 0.5)
+    elif weighting == "test_relative":
+        weights = (ce / ce.max()).detach()
+    else:  # 1/(target tokens of the token's row)
+        weights = (1.0 / mask.sum(1, keepdim=True).expand_as(mask)[mask]).to(ce.dtype)
     expected = ((weights * ce).sum() + 0.3 * 0.5 * ((logp.exp() - ref_p) ** 2).sum()) / ce.numel()
     expected_grads = torch.autograd.grad(expected, [h, w])
     for compute in (
@@ -572,6 +707,12 @@ def test_count_target_tokens_is_the_shifted_count() -> None:
         ({"weighting": "antiop", "clip_mult": 0}, "clip_mult: 0"),
         ({"weighting": "ref_ratio", "alpha": -0.5}, "alpha: -0.5"),
         ({"weighting": "none", "kl_direction": "sideways"}, "kl_direction: 'sideways'"),
+        ({"weighting": "iw_sft", "iw_temp": -1.0}, "iw_temp: -1.0"),
+        ({"weighting": "iw_sft", "iw_temp": True}, "iw_temp: True"),
+        ({"weighting": "iw_sft", "iw_clip": 0}, "iw_clip: 0"),
+        ({"weighting": "iw_sft", "iw_clip": -2.0}, "iw_clip: -2.0"),
+        ({"weighting": "iw_sft", "iw_clip": math.inf}, "iw_clip: inf"),
+        ({"weighting": "iw_sft", "iw_clip": "16"}, "iw_clip: '16'"),
     ],
 )
 def test_spec_validation(row: dict, message: str) -> None:
@@ -590,6 +731,8 @@ def test_spec_defaults_and_reference_need() -> None:
     )
     assert not spec.needs_reference
     assert LossSpec.from_config({"weighting": "ref_ratio"}).needs_reference
+    iw = LossSpec.from_config({"weighting": "iw_sft"})
+    assert iw.needs_reference and (iw.iw_temp, iw.iw_clip) == (1.0, 16.0)  # the authors' temp 1, clip 16
     assert LossSpec.from_config({"weighting": "dft", "kl_weight": 0.05}).needs_reference
     assert not LossSpec.from_config({"weighting": "dft", "kl_weight": 0}).needs_reference
     assert LossSpec.from_config({"weighting": "none", "kl_weight": 1}).kl_weight == 1.0

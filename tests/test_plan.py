@@ -43,6 +43,7 @@ def _raw() -> dict[str, Any]:
             "sft": {"weighting": "none"},
             "asft": {"weighting": "dft", "kl_weight": 0.05},
             "sft-lr": {"weighting": "ref_ratio"},
+            "iw-sft": {"weighting": "iw_sft"},
         },
         "experiments": {
             "a": {
@@ -87,12 +88,13 @@ def test_train_flops_are_exact() -> None:
 
 def test_train_flops_lora_ref_ratio_max_steps_and_truncation() -> None:
     raw = _raw()
-    raw["experiments"]["a"]["modes"] = ["sft", "sft-lr"]
+    raw["experiments"]["a"]["modes"] = ["sft", "sft-lr", "iw-sft"]
     raw["experiments"]["a"]["training"].update(finetune="lora", max_steps=5, max_length=64, kl_log_every=0)
     flops = _flops(validate_config(raw))
     per_step = 32 * 64  # mean_tokens 100 truncated at max_length 64
     assert flops["sft"] == pytest.approx(4e9 * per_step * 5, rel=1e-12)  # no KL logging: no reference forward
     assert flops["sft-lr"] == pytest.approx(6e9 * per_step * 5, rel=1e-12)  # ref_ratio needs p_ref every step
+    assert flops["iw-sft"] == flops["sft-lr"]  # so does iw_sft
 
 
 def test_eval_flops_are_exact() -> None:

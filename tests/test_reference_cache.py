@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from asft import reference_cache as rc
-from asft.losses import LossSpec, kl_forward, loss_from_logits, shifted_targets, token_weights
+from asft.losses import LossSpec, kl_forward, loss_from_logits, sequence_ids_for, shifted_targets, token_weights
 
 IDENTITY = {"model": "demo-base@abc123", "tokenizer": "demo-tok@abc123", "template": "chatml", "max_length": 64}
 Z = 5.0  # standard errors: see the module docstring
@@ -51,17 +51,25 @@ def _write(path: Path, ids: list, ref_logits: torch.Tensor, labels: torch.Tensor
     return path
 
 
-# --- exact: ref_ratio (sft-lr) weights ------------------------------------------------------------------------------
+# --- exact: ref_ratio (sft-lr) and iw_sft (iw-sft) weights ---------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        LossSpec(weighting="ref_ratio", alpha=2.0, sft_weight=0.5),
+        LossSpec(weighting="iw_sft", iw_temp=0.5, iw_clip=2.0),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("route", ["float64-memory", "float32-disk"])
-def test_ref_ratio_from_cache_equals_live_reference_exactly(route: str, tmp_path: Path) -> None:
-    """sft-lr weights, loss and gradient from cached target log-probs are bit-equal to the live-reference path
-    (float32 through the on-disk float32 arrays, the production precision)."""
+def test_ref_ratio_from_cache_equals_live_reference_exactly(route: str, spec: LossSpec, tmp_path: Path) -> None:
+    """sft-lr (and iw-sft) weights, loss and gradient from cached target log-probs are bit-equal to the
+    live-reference path (float32 through the on-disk float32 arrays, the production precision)."""
     dtype = torch.float64 if route == "float64-memory" else torch.float32
     logits, ref_logits, labels = _batch(1, dtype=dtype, scale=3.0)
-    spec = LossSpec(weighting="ref_ratio", alpha=2.0, sft_weight=0.5)
     mask, targets = shifted_targets(labels)
+    sequence_ids = sequence_ids_for(spec, mask)
     if route == "float64-memory":
         cached = _stats(ref_logits, labels, k=2, chunk_rows=3)  # chunked on purpose
     else:
@@ -72,8 +80,8 @@ def test_ref_ratio_from_cache_equals_live_reference_exactly(route: str, tmp_path
     live_logp = torch.log_softmax(ref_logits[:, :-1][mask], -1, dtype=dtype)
     live_ref_p = live_logp.gather(-1, targets[:, None]).squeeze(-1).exp()
     ce = -torch.log_softmax(logits[:, :-1][mask], -1, dtype=dtype).gather(-1, targets[:, None]).squeeze(-1)
-    live_w = token_weights(ce, live_ref_p, spec)
-    cached_w = token_weights(ce, cached["target_logp"].to(dtype).exp(), spec)
+    live_w = token_weights(ce, live_ref_p, spec, sequence_ids)
+    cached_w = token_weights(ce, cached["target_logp"].to(dtype).exp(), spec, sequence_ids)
     assert torch.equal(cached_w, live_w) and not torch.all(live_w == live_w[0])  # real, varying weights
 
     a = logits.clone().requires_grad_()
@@ -156,6 +164,7 @@ CACHED_SPECS = [
     LossSpec(weighting="topk", kl_weight=0.2),  # a batch-statistic weighting with an anchor
     LossSpec(weighting="ref_ratio", kl_weight=0.1, sft_weight=0.5),
     LossSpec(weighting="none"),  # no anchor: the KL is only a statistic
+    LossSpec(weighting="iw_sft", kl_weight=0.1, iw_clip=1.5),  # iw-sft: per sequence, exact
 ]
 
 

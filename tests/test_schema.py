@@ -55,8 +55,10 @@ PROBES: dict[str, list[Any]] = {
     "keep_ratio": [-0.1, 0.0, 1e-9, 0.5, 1, 1.0, 1.0000001, 2],
     "clip_mult": [-1.0, 0, 0.0, 1e-9, 3, 100.0],
     "alpha": [-0.5, -1e-9, 0, 0.0, 1, 5.0],
+    "iw_temp": [-1.0, -1e-9, 0, 0.0, 1, 2.5],
+    "iw_clip": [-1.0, 0, 0.0, 1e-9, 16, 16.0],
     "kl_direction": ["forward", "reverse", "sideways", ""],
-    "weighting": ["none", "dft", "topk", "antiop", "ref_ratio", "focal", "DFT"],
+    "weighting": ["none", "dft", "topk", "antiop", "ref_ratio", "iw_sft", "focal", "DFT"],
 }
 
 

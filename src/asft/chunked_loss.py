@@ -39,6 +39,7 @@ from asft.losses import (
     kl_forward,
     kl_reverse,
     normaliser,
+    sequence_ids_for,
     shifted_targets,
     token_weights,
 )
@@ -116,6 +117,8 @@ class _Chunked:
     cached_target_logp: torch.Tensor | None = None
     cached_entropy: torch.Tensor | None = None
     cached_sample_ids: torch.Tensor | None = None
+    # Each target token's batch row [n], for a per-sequence weighting (`asft.losses.target_sequence_ids`).
+    sequence_ids: torch.Tensor | None = None
 
 
 def _chunk_log_probs(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -168,7 +171,7 @@ def _chunked_loss(
                 ref_logp = _chunk_log_probs(plan.ref_hidden[start:end], plan.ref_weight, dtype)
                 ref_p[start:end] = target_log_probs(ref_logp, start, end).exp()
                 del ref_logp
-        weights = token_weights(ce, ref_p, spec)
+        weights = token_weights(ce, ref_p, spec, plan.sequence_ids)
 
     for start, end in chunks:
         h = hidden[start:end].to(weight.dtype)
@@ -288,7 +291,7 @@ def chunked_loss_from_hidden(
     if ref_hidden is not None:
         ref_t = ref_hidden[:, :-1][mask].detach()
         ref_weight = (lm_head_weight if ref_lm_head_weight is None else ref_lm_head_weight).detach()
-    plan = _Chunked(targets, ref_t, ref_weight, spec, norm, chunk_size)
+    plan = _Chunked(targets, ref_t, ref_weight, spec, norm, chunk_size, sequence_ids=sequence_ids_for(spec, mask))
     if cached is not None:
         plan.cached_target_logp = cached["target_logp"].detach().to(hidden.device)
         plan.cached_entropy = cached["entropy"].detach().to(hidden.device)

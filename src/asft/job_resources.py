@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asft.matrix import Run, eval_spec, run_training
+from asft.matrix import Run, eval_spec, reads_reference_every_step, run_training
 
 # Host memory of everything but the weights: the interpreter, torch, tokenised data, CUDA context.
 BASE_HOST_GB = 32
@@ -96,8 +96,7 @@ def _reference_copy(config: Mapping[str, Any], run: Run, training: Mapping[str, 
     """A full fine-tune with a loss or log that reads the reference loads the model twice."""
     if training["finetune"] == "lora" or training.get("reference") == "cached":
         return False
-    mode = config["modes"][run.mode]
-    return run.kl_weight > 0 or mode["weighting"] == "ref_ratio" or training["kl_log_every"] > 0
+    return reads_reference_every_step(config, run) or training["kl_log_every"] > 0
 
 
 def _is_zero3(deepspeed: str | None) -> tuple[bool, bool]:

@@ -2,11 +2,12 @@
 
     Loss = Σ_t (w_t + α)·CE_t / N + λ·Σ_t KL_t / N
 
-CE_t = −log p_θ(y_t) at every target position t; w_t a detached per-token weight (DFT: w_t = p_θ(y_t)); KL_t the
-anchor, a divergence from the frozen reference π_ref over the full vocabulary (the paper's KL(π_ref ‖ π_θ)) with
-weight λ = kl_weight; α = sft_weight an SFT anchor (the paper's Figure 4 ablation L = L_DFT + α·L_SFT, which
-needs no reference model); N the target-token count of the whole optimizer step when the trainer passes it, so gradient
-accumulation and world size do not change the result. The README's "Losses" table lists the modes.
+CE_t = −log p_θ(y_t) at every target position t; w_t a detached weight (DFT: w_t = p_θ(y_t); iw-SFT: one weight
+per sequence, given to each of its tokens); KL_t the anchor, a divergence from the frozen reference π_ref over the
+full vocabulary (the paper's KL(π_ref ‖ π_θ)) with weight λ = kl_weight; α = sft_weight an SFT anchor (the paper's
+Figure 4 ablation L = L_DFT + α·L_SFT, which needs no reference model); N the target-token count of the whole
+optimizer step when the trainer passes it, so gradient accumulation and world size do not change the result. The
+README's "Losses" table lists the modes.
 
 `loss_from_logits` is that definition in plain autograd on full [B, T, V] logits. Training uses
 `loss_from_hidden`, which computes the same value and gradients chunk by chunk without full logits
@@ -28,6 +29,9 @@ IGNORE_INDEX = -100
 # (ce, p, ref_p, spec) -> weights, all [n] over the batch's target tokens; p = exp(-ce); ref_p is the reference
 # model's probability of the target (None when the reference was not run). Called under no_grad on detached values.
 WeightFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "LossSpec"], torch.Tensor]
+# A per-sequence weighting's: (ce, p, ref_p, spec, sequence_ids) -> weights, sequence_ids [n] each target token's
+# batch row (`target_sequence_ids`: ascending, one contiguous run per row that has target tokens).
+SequenceWeightFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", "LossSpec", torch.Tensor], torch.Tensor]
 # (logp, ref_logp) -> divergence [c], from log-probabilities [c, V] whose rows are target positions. Differentiable
 # w.r.t. logp by autograd, and leaves its inputs untouched.
 AnchorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -40,11 +44,18 @@ class Weighting:
     needs_reference: it reads ref_p, so the reference model must run even without a KL anchor.
     per_token: w_t depends on token t alone (no batch statistic such as a threshold or a median), which lets the
     chunked path weight each chunk as it goes instead of first computing every token's CE.
+    per_sequence: w_t depends on the target tokens of t's own sequence (batch row), so fn is a `SequenceWeightFn`
+    and also receives each token's sequence index; never per_token (a sequence spans chunks).
     """
 
-    fn: WeightFn
+    fn: WeightFn | SequenceWeightFn
     needs_reference: bool = False
     per_token: bool = False
+    per_sequence: bool = False
+
+    def __post_init__(self) -> None:
+        if self.per_token and self.per_sequence:
+            raise ValueError("a weighting is per_token or per_sequence, not both: a sequence spans chunks")
 
 
 # --- the mode row -------------------------------------------------------------------------------------------------
@@ -65,6 +76,8 @@ class LossSpec:
     clip_mult: float = 3.0
     alpha: float = 1.0
     sft_weight: float = 0.0
+    iw_temp: float = 1.0
+    iw_clip: float = 16.0
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LossSpec:
@@ -90,6 +103,8 @@ class LossSpec:
             "clip_mult": (lambda x: x > 0, "> 0"),
             "alpha": (lambda x: x >= 0, ">= 0"),
             "sft_weight": (lambda x: x >= 0, ">= 0"),
+            "iw_temp": (lambda x: x >= 0, ">= 0"),
+            "iw_clip": (lambda x: x > 0, "> 0"),
         }
         for name, (ok, rule) in checks.items():
             value = getattr(self, name)
@@ -143,6 +158,25 @@ def weights_ref_ratio(ce: torch.Tensor, p: torch.Tensor, ref_p: torch.Tensor | N
     return (1 + spec.alpha * (ref_p - p).clamp(-1, 1)).clamp_min(0.1)
 
 
+def weights_iw_sft(
+    ce: torch.Tensor, p: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec, sequence_ids: torch.Tensor
+) -> torch.Tensor:
+    """iw-SFT (Qin & Springenberg 2025, arXiv 2507.12856): one weight per sequence s, given to each of its tokens,
+
+        w_s = min(iw_clip, exp(iw_temp · (1/|s|) Σ_{t∈s} [log p_θ(y_t) − log p_ref(y_t)]))
+
+    the importance weight q(τ)/π_ref(τ) of the paper's bound with q = the current policy (detached), taken per
+    target token (a geometric mean over the sequence's |s| target tokens), scaled by iw_temp and clipped above, as
+    the authors' released trainer computes it (emmyqin/iw_sft, bounding_trainers.py: temp 1, clip [0, 16]).
+    """
+    if ref_p is None:
+        raise ValueError("weighting 'iw_sft' needs the reference model's outputs")
+    log_ratio = -ce - torch.log(ref_p)  # log p_θ(y_t) − log p_ref(y_t); ref_p = 0 gives +inf, then w = iw_clip
+    _, row, counts = torch.unique_consecutive(sequence_ids, return_inverse=True, return_counts=True)
+    sums = torch.zeros(counts.numel(), dtype=ce.dtype, device=ce.device).index_add_(0, row, log_ratio)
+    return torch.exp(spec.iw_temp * (sums / counts)).clamp_max(spec.iw_clip)[row]
+
+
 # The config's `weighting` values. The schema's enum is tested to equal these names.
 WEIGHTINGS: dict[str, Weighting] = {
     "none": Weighting(weights_none, per_token=True),
@@ -150,11 +184,12 @@ WEIGHTINGS: dict[str, Weighting] = {
     "topk": Weighting(weights_topk),
     "antiop": Weighting(weights_antiop),
     "ref_ratio": Weighting(weights_ref_ratio, needs_reference=True, per_token=True),
+    "iw_sft": Weighting(weights_iw_sft, needs_reference=True, per_sequence=True),
 }
 
 
 def register_weighting(
-    name: str, *, needs_reference: bool = False, per_token: bool = False
+    name: str, *, needs_reference: bool = False, per_token: bool = False, per_sequence: bool = False
 ) -> Callable[[WeightFn], WeightFn]:
     """Decorator adding a weighting to `WEIGHTINGS` under the config name `name` (see `Weighting` for the flags).
 
@@ -162,20 +197,32 @@ def register_weighting(
     """
 
     def decorator(fn: WeightFn) -> WeightFn:
-        WEIGHTINGS[name] = Weighting(fn, needs_reference=needs_reference, per_token=per_token)
+        WEIGHTINGS[name] = Weighting(
+            fn, needs_reference=needs_reference, per_token=per_token, per_sequence=per_sequence
+        )
         return fn
 
     return decorator
 
 
-def token_weights(ce: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec) -> torch.Tensor:
+def token_weights(
+    ce: torch.Tensor, ref_p: torch.Tensor | None, spec: LossSpec, sequence_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Detached weights for target tokens with cross-entropies `ce` (the whole batch, or a per-token chunk).
 
+    sequence_ids (`target_sequence_ids`) is read by per-sequence weightings only, which need it.
     The SFT anchor adds α to every token's weight: Σ (w_t + α)·CE_t is the weighted loss plus α times SFT's.
     """
+    weighting = WEIGHTINGS[spec.weighting]
     with torch.no_grad():
         ce = ce.detach()
-        weights = WEIGHTINGS[spec.weighting].fn(ce, torch.exp(-ce), None if ref_p is None else ref_p.detach(), spec)
+        args = (ce, torch.exp(-ce), None if ref_p is None else ref_p.detach(), spec)
+        if weighting.per_sequence:
+            if sequence_ids is None:
+                raise ValueError(f"weighting {spec.weighting!r} needs each target token's sequence index")
+            weights = weighting.fn(*args, sequence_ids.detach())
+        else:
+            weights = weighting.fn(*args)
         return weights + spec.sft_weight if spec.sft_weight else weights
 
 
@@ -250,7 +297,7 @@ def loss_from_logits(
             ref_p = ref_logp.gather(-1, targets[:, None]).squeeze(-1).exp()
         with torch.set_grad_enabled(torch.is_grad_enabled() and spec.kl_weight > 0):
             kl = ANCHORS[spec.kl_direction](logp, ref_logp)
-    weights = token_weights(ce, ref_p, spec)
+    weights = token_weights(ce, ref_p, spec, sequence_ids_for(spec, mask))
     loss = (weights * ce).sum() / norm
     if spec.kl_weight > 0:
         loss = loss + spec.kl_weight * kl.sum() / norm
@@ -295,6 +342,16 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
     return mask, shifted[mask]
+
+
+def target_sequence_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Each target token's batch row [n], in `shifted_targets` order (row-major, so ascending)."""
+    return mask.nonzero(as_tuple=True)[0]
+
+
+def sequence_ids_for(spec: LossSpec, mask: torch.Tensor) -> torch.Tensor | None:
+    """`target_sequence_ids(mask)` if the spec's weighting is per-sequence, else None (nothing computed)."""
+    return target_sequence_ids(mask) if WEIGHTINGS[spec.weighting].per_sequence else None
 
 
 def normaliser(num_target_tokens: int | torch.Tensor | None, n: int) -> float:

@@ -85,6 +85,16 @@ def sweep_points(exp: Mapping[str, Any]) -> list[tuple[tuple[str, Any], ...]]:
 
 
 LIVE_REFERENCE = "live"
+# The `weighting` values whose weights read p_ref (asft.losses: Weighting.needs_reference, which tests/test_losses.py
+# holds this equal to), spelled out here so that planning needs no torch.
+REFERENCE_WEIGHTINGS = frozenset({"ref_ratio", "iw_sft"})
+
+
+def reads_reference_every_step(config: Mapping[str, Any], run: Run) -> bool:
+    """The run's loss reads the reference at every step: a KL anchor, or weights that read p_ref."""
+    return run.kl_weight > 0 or config["modes"][run.mode]["weighting"] in REFERENCE_WEIGHTINGS
+
+
 # Training keys that only a cached reference reads (training.reference: cached); absent from live runs' specs.
 REFERENCE_KEYS = ("reference", "reference_samples")
 
@@ -233,11 +243,20 @@ def base_identity(experiment: str, model: str) -> dict[str, Any]:
     return {"experiment": experiment, "model": model, "mode_label": "base"}
 
 
+# Mode keys read by one weighting only, added after runs of the other weightings existed: left out of those runs'
+# specs, so their Snakemake params and checkpoint fingerprints stay as they were and finished runs do not rerun.
+WEIGHTING_ONLY_KEYS = {"iw_sft": ("iw_temp", "iw_clip")}
+
+
 def loss_config(config: Mapping[str, Any], run: Run) -> dict:
     """The mode row with the run's (possibly swept) anchor weights."""
     row = dict(config["modes"][run.mode])
     row["kl_weight"] = run.kl_weight
     row["sft_weight"] = run.sft_weight
+    for weighting, keys in WEIGHTING_ONLY_KEYS.items():
+        if row["weighting"] != weighting:
+            for key in keys:
+                row.pop(key, None)
     return row
 
 

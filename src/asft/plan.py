@@ -19,7 +19,7 @@ import pandas as pd
 
 from asft.config_checks import gradient_accumulation_steps
 from asft.evaluation.benchmarks import CHOICE_FORMATS
-from asft.matrix import Run, eval_spec, reference_key, reference_spec, run_training
+from asft.matrix import Run, eval_spec, reads_reference_every_step, reference_key, reference_spec, run_training
 from asft.sharing import Evaluation, SharedWork
 
 # H100 SXM bf16 dense peak is 989 TFLOP/s. Full fine-tuning under ZeRO-3 with short, padded sequences and
@@ -161,10 +161,9 @@ def train_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tupl
     per_step = shape.global_batch * shape.tokens_per_example
     # LoRA: no weight gradients for the frozen weights, only the gradients flowing through them
     policy = (4.0 if training["finetune"] == "lora" else 6.0) * n * per_step * shape.steps
-    mode = config["modes"][run.mode]
     if training.get("reference") == "cached":  # read from the cache: its one forward is `reference_flops`
         ref_steps = 0
-    elif run.kl_weight > 0 or mode["weighting"] == "ref_ratio":
+    elif reads_reference_every_step(config, run):
         ref_steps = shape.steps
     elif training["kl_log_every"] > 0:  # the trainer runs the reference on steps 0, k, 2k, ...
         ref_steps = math.ceil(shape.steps / training["kl_log_every"])
@@ -372,9 +371,9 @@ def assumptions(plan: Plan) -> list[str]:
     lines = [
         "training FLOPs = 6*N*T for full fine-tuning, 4*N*T for LoRA (forward + activation gradients, no weight "
         "gradients for the frozen weights), + 2*N*T_ref for the frozen reference: every step when the mode has "
-        "kl_weight > 0 or weighting ref_ratio, else ceil(steps / kl_log_every) steps (0 = none); with "
-        "training.reference: cached none, and instead one 2*N*T_epoch reference-cache job per distinct reference "
-        "spec (counted in train GPU-h; the 'references' line)",
+        "kl_weight > 0 or a weighting that reads p_ref (ref_ratio, iw_sft), else ceil(steps / kl_log_every) "
+        "steps (0 = none); with training.reference: cached none, and instead one 2*N*T_epoch reference-cache job "
+        "per distinct reference spec (counted in train GPU-h; the 'references' line)",
         "T = steps x global batch x min(datasets.<d>.mean_tokens, max_length); steps = max_steps if > 0 else "
         "ceil(examples x num_train_epochs / global batch), examples = datasets.<d>.examples capped by max_samples; "
         "global batch = per_device_train_batch_size x gradient_accumulation_steps (derived from global_batch_size "

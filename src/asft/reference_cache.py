@@ -3,7 +3,7 @@
 Why: the anchored losses need p_ref(·|t) at every target token t, and running the reference next to the policy at
 every step doubles the forward cost. What the losses read from it can be stored once, per target token:
 
-- log p_ref(y_t), the target's log-probability: `ref_ratio` (sft-lr) weights from it are exact;
+- log p_ref(y_t), the target's log-probability: `ref_ratio` (sft-lr) and `iw_sft` weights from it are exact;
 - H_ref(t), the reference entropy: exact;
 - K ids v_1..v_K drawn with replacement from p_ref(·|t) (repeats are the counts). Forward KL(ref‖θ) =
   −H_ref − E_{v∼p_ref}[log p_θ(v)], so −H_ref − (1/K)·Σ_k log p_θ(v_k) is an unbiased estimate of it, and its
@@ -53,6 +53,7 @@ from asft.losses import (
     compute_dtype,
     empty_loss,
     normaliser,
+    sequence_ids_for,
     shifted_targets,
     token_weights,
 )
@@ -229,7 +230,7 @@ def cached_loss_from_logits(
         kl = cached_forward_kl_from_logits(
             logp, cached["sample_ids"].to(logp.device), cached["entropy"].to(logp.device), log_probs=True
         )
-    weights = token_weights(ce, ref_p, spec)
+    weights = token_weights(ce, ref_p, spec, sequence_ids_for(spec, mask))
     loss = (weights * ce).sum() / norm
     if spec.kl_weight > 0:
         loss = loss + spec.kl_weight * kl.sum() / norm
