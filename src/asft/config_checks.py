@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from asft.config_files import ConfigError
-from asft.matrix import resolve_sampling, runs_with_origins, sweep_points
+from asft.matrix import RL_MODE_KEYS, is_rl, parent_run, resolve_sampling, runs_with_origins, sweep_points
 
 
 def non_finite(value: Any, path: tuple = ()) -> Iterator[tuple[list, float]]:
@@ -69,12 +69,76 @@ def check_references(config: dict, source: str) -> None:
                 f"(got {exp['training']['finetune']!r}; a full fine-tune has no adapter)"
             )
         if all_known:  # these expand the matrix, which needs every name defined
+            problems += _init_from_problems(config, exp_name)
+            problems += _rl_problems(config, exp_name)
             problems += _run_id_problems(config, exp_name)
             problems += _sampling_problems(config, exp_name)
     problems += _local_path_problems(config)
+    problems += _mode_key_problems(config)
     problems = list(dict.fromkeys(problems))  # a benchmark's own setting is reported once, not per experiment
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _init_from_problems(config: dict, exp_name: str) -> list[str]:
+    """Each `init_from` entry names an existing run of a model the experiment trains, with no cycle of parents."""
+    exp = config["experiments"][exp_name]
+    problems = []
+    for index in range(len(exp.get("init_from") or ())):
+        try:
+            parent_run(config, exp_name, index)
+        except ConfigError as err:
+            problems.append(str(err))
+    if exp.get("init_from") and exp["training"].get("reference", "live") != "live":
+        # a cache is built from the base model (the reference stage's input), not from a parent's weights
+        problems.append(
+            f"experiments.{exp_name}.training.reference: continual runs (init_from) are anchored to their parent's "
+            "weights, which no reference cache is built from; set live"
+        )
+    return problems
+
+
+def _rl_problems(config: dict, exp_name: str) -> list[str]:
+    """What an experiment with GRPO/DAPO modes must say before its first rollout: the reward, a live reference
+    (the KL is TRL's, against the starting model), and batches that hold whole groups of completions."""
+    exp = config["experiments"][exp_name]
+    rl_modes = [mode for mode in exp["modes"] if is_rl(config, mode)]
+    if not rl_modes:
+        return []
+    key = f"experiments.{exp_name}.training"
+    training, problems = exp["training"], []
+    if training["rl"]["reward"] is None:
+        problems.append(
+            f"{key}.rl.reward: required for the RL modes {rl_modes} (math: the response's \\boxed{{}} answer "
+            "graded by math-verify; choice: the response's final answer letter)"
+        )
+    if training.get("reference", "live") != "live":
+        problems.append(f"{key}.reference: the RL modes {rl_modes} read a live reference (TRL's KL); set live")
+    for point in sweep_points(exp):
+        settings = {**training, **dict(point)}
+        try:
+            accumulation = gradient_accumulation_steps(settings)
+        except ValueError:
+            continue  # reported by _batch_problems
+        generations = settings["rl"]["num_generations"]
+        batch = settings["per_device_train_batch_size"] * accumulation * settings["num_processes"]
+        if batch % generations:
+            problems.append(
+                f"{key}.rl.num_generations{_at_point(point)}: {generations} completions per prompt must divide the "
+                f"{batch} completions of a step (per_device_train_batch_size x accumulation x num_processes)"
+            )
+    return problems
+
+
+def _mode_key_problems(config: dict) -> list[str]:
+    """The RL keys of a mode row do nothing in an SFT row: refused there rather than silently ignored."""
+    return [
+        f"modes.{name}.{key}: only read by objective grpo or dapo (this row's objective is sft)"
+        for name, row in config["modes"].items()
+        if row.get("objective", "sft") == "sft"
+        for key in RL_MODE_KEYS
+        if key in row
+    ]
 
 
 def _template_mismatch_problems(exp_name: str, training: dict, evaluation: dict) -> list[str]:

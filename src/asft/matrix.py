@@ -45,11 +45,16 @@ class Run:
     sft_weight: float = 0.0
     # Swept training keys and this run's values, in the experiment's `sweep` order.
     sweep: tuple[tuple[str, Any], ...] = ()
+    # Continual training: the run this one starts from, `<experiment>/<run id>`, and that run's mode label.
+    init_from: str = ""
+    init_label: str = ""
 
     @property
     def mode_label(self) -> str:
-        """The loss with its anchor weights, then any swept training values: the run id's third part."""
-        return mode_label(self.mode, self.kl_weight, self.sft_weight) + sweep_label(self.sweep)
+        """The loss with its anchor weights, then any swept training values: the run id's third part; a continual
+        run's is prefixed with its parent's (`sft+dapo`)."""
+        own = mode_label(self.mode, self.kl_weight, self.sft_weight) + sweep_label(self.sweep)
+        return f"{self.init_label}+{own}" if self.init_from else own
 
     @property
     def run_id(self) -> str:
@@ -92,7 +97,7 @@ REFERENCE_WEIGHTINGS = frozenset({"ref_ratio", "iw_sft"})
 
 def reads_reference_every_step(config: Mapping[str, Any], run: Run) -> bool:
     """The run's loss reads the reference at every step: a KL anchor, or weights that read p_ref."""
-    return run.kl_weight > 0 or config["modes"][run.mode]["weighting"] in REFERENCE_WEIGHTINGS
+    return run.kl_weight > 0 or config["modes"][run.mode].get("weighting", "none") in REFERENCE_WEIGHTINGS
 
 
 # Training keys that only a cached reference reads (training.reference: cached); absent from live runs' specs.
@@ -112,6 +117,8 @@ def run_training(config: Mapping[str, Any], run: Run) -> dict:
         # existed: finished runs do not rerun. Readers default them (training.get("reference", "live")).
         for key in REFERENCE_KEYS:
             training.pop(key, None)
+    if not is_rl(config, run.mode):
+        training.pop("rl", None)  # read by RL runs only: SFT specs stay as they were before it existed
     return training
 
 
@@ -172,13 +179,62 @@ def iter_runs(config: Mapping[str, Any], experiment: str | None = None) -> Itera
 def runs_with_origins(config: Mapping[str, Any], exp_name: str) -> Iterator[tuple[Run, str]]:
     """One experiment's runs, each with the config entries that produced its mode label (for error messages)."""
     exp = config["experiments"][exp_name]
-    for model in exp["models"]:
-        for dataset in exp["datasets"]:
-            for mode_index, mode in enumerate(exp["modes"]):
-                for kl, sft, origin in _anchor_weights(config, exp, mode_index, mode):
-                    for point in sweep_points(exp):
-                        for seed in exp["seeds"]:
-                            yield Run(exp_name, model, dataset, mode, kl, int(seed), sft, point), origin
+    parents = [parent_run(config, exp_name, index) for index in range(len(exp.get("init_from") or ()))] or [None]
+    for parent in parents:
+        start = {"init_from": parent_ref(parent), "init_label": parent.mode_label} if parent else {}
+        for model in exp["models"] if parent is None else [parent.model]:
+            for dataset in exp["datasets"]:
+                for mode_index, mode in enumerate(exp["modes"]):
+                    for kl, sft, origin in _anchor_weights(config, exp, mode_index, mode):
+                        for point in sweep_points(exp):
+                            for seed in exp["seeds"]:
+                                yield Run(exp_name, model, dataset, mode, kl, int(seed), sft, point, **start), origin
+
+
+def parent_ref(run: Run) -> str:
+    """How `init_from` names a run: `<experiment>/<run id>`."""
+    return f"{run.experiment}/{run.run_id}"
+
+
+def parent_run(config: Mapping[str, Any], exp_name: str, index: int) -> Run:
+    """The run `experiments.<exp_name>.init_from[index]` names, or a ConfigError naming that key: an unknown
+    experiment or run id, a parent of another model than the experiment trains, or a cycle of parents."""
+    key = f"experiments.{exp_name}.init_from[{index}]"
+    ref = config["experiments"][exp_name]["init_from"][index]
+    parent_exp, _, run_id = ref.partition("/")
+    if parent_exp not in config["experiments"]:
+        raise ConfigError(f"{key}: {ref!r} names no experiment {parent_exp!r}; known: {sorted(config['experiments'])}")
+    cycle = _parent_cycle(config, exp_name)
+    if cycle:
+        raise ConfigError(f"{key}: {ref!r}: runs cannot start from their own results ({' -> '.join(cycle)})")
+    for candidate, _ in runs_with_origins(config, parent_exp):
+        if candidate.run_id == run_id:
+            if candidate.model not in config["experiments"][exp_name]["models"]:
+                raise ConfigError(
+                    f"{key}: {ref!r} is a run of model {candidate.model!r}, which experiments.{exp_name}.models "
+                    "does not list: a continual run keeps its parent's model"
+                )
+            return candidate
+    known = sorted(run.run_id for run, _ in runs_with_origins(config, parent_exp))
+    raise ConfigError(f"{key}: experiment {parent_exp!r} has no run {run_id!r}; its runs: {known}")
+
+
+def _parent_cycle(config: Mapping[str, Any], start: str) -> list[str]:
+    """The experiments of an init_from cycle through `start` (empty if none), checked before any parent is
+    expanded, so that a cycle is an error rather than endless recursion."""
+    return _parent_cycle_from(config, start, [start])
+
+
+def _parent_cycle_from(config: Mapping[str, Any], start: str, path: list[str]) -> list[str]:
+    """Depth-first along init_from edges from the end of `path`, back to `start`."""
+    parents = {ref.partition("/")[0] for ref in config["experiments"][path[-1]].get("init_from") or ()}
+    if start in parents:
+        return [*path, start]
+    for parent in sorted(parents & set(config["experiments"]) - set(path)):
+        found = _parent_cycle_from(config, start, [*path, parent])
+        if found:
+            return found
+    return []
 
 
 def _anchor_weights(
@@ -235,6 +291,8 @@ def run_identity(run: Run) -> dict[str, Any]:
         "sft_weight": run.sft_weight,
         "sweep": dict(run.sweep),
         "seed": run.seed,
+        # only where set: the identity of every other run, hence its evaluations' params, stays as it was
+        **({"init_from": run.init_from, "init_label": run.init_label} if run.init_from else {}),
     }
 
 
@@ -248,9 +306,30 @@ def base_identity(experiment: str, model: str) -> dict[str, Any]:
 WEIGHTING_ONLY_KEYS = {"iw_sft": ("iw_temp", "iw_clip")}
 
 
+RL_OBJECTIVES = ("grpo", "dapo")
+# Mode keys of online RL rows (asft.rl), absent unless set: the presets for each objective live in asft.rl.
+RL_MODE_KEYS = ("epsilon", "epsilon_high", "mask_truncated_completions", "overlong_buffer")
+
+
+def is_rl(config: Mapping[str, Any], mode: str) -> bool:
+    """The mode trains by online RL (GRPO/DAPO) rather than a supervised loss."""
+    return config["modes"][mode].get("objective", "sft") in RL_OBJECTIVES
+
+
 def loss_config(config: Mapping[str, Any], run: Run) -> dict:
-    """The mode row with the run's (possibly swept) anchor weights."""
+    """The mode row with the run's (possibly swept) anchor weights.
+
+    An RL row keeps only what asft.rl reads (objective, β as kl_weight, its clip and overlong keys); an SFT row
+    leaves `objective` out, so SFT runs' specs, params and fingerprints are as they were before RL rows existed.
+    """
     row = dict(config["modes"][run.mode])
+    if is_rl(config, run.mode):
+        return {
+            "objective": row["objective"],
+            "kl_weight": run.kl_weight,
+            **{k: row[k] for k in RL_MODE_KEYS if k in row},
+        }
+    row.pop("objective", None)
     row["kl_weight"] = run.kl_weight
     row["sft_weight"] = run.sft_weight
     for weighting, keys in WEIGHTING_ONLY_KEYS.items():
@@ -269,6 +348,8 @@ def train_spec(config: Mapping[str, Any], run: Run) -> dict:
         "seed": run.seed,
         "training": run_training(config, run),
         "dataset": {k: v for k, v in without_planning(config["datasets"][run.dataset]).items() if k != "source"},
+        # a continual run's result depends on everything its parent's did (and its parent's parent's)
+        **({"init_from": train_spec(config, find_run(config, *run.init_from.split("/", 1)))} if run.init_from else {}),
     }
 
 

@@ -123,6 +123,22 @@ class SharedWork:
         owner = self.owner(run)
         return layout.train_dir(owner.experiment, owner.run_id)
 
+    def final_weights(self, run: Run) -> str:
+        """The run's trained model as full weights: merged for a LoRA run (whether or not its own evaluation
+        merges), the training output for a full fine-tune."""
+        owner = self.owner(run)
+        if self.config["experiments"][owner.experiment]["training"]["finetune"] == "lora":
+            return layout.merged_dir(owner.experiment, owner.run_id)
+        return layout.train_dir(owner.experiment, owner.run_id)
+
+    def start_weights(self, run: Run) -> str:
+        """What the run trains from, and what its LoRA adapter applies to: the base model, or for a continual run
+        (init_from) its parent's final weights, so that the parent is a dependency of the run's job."""
+        if not run.init_from:
+            return layout.model_dir(run.model)
+        experiment, run_id = run.init_from.split("/", 1)
+        return self.final_weights(self._runs[(experiment, run_id)])
+
     # --- evaluations ---
 
     def _shared_dir(self, key: str, own_dir: str) -> str:

@@ -172,6 +172,11 @@ def train_params(wildcards) -> str:
     return canonical_json(train_spec(config, run_of(wildcards)))
 
 
+def start_weights(wildcards) -> str:
+    """The base model, or a continual run's parent's final weights (asft.sharing)."""
+    return SHARED.start_weights(run_of(wildcards))
+
+
 def train_checkpoints(wildcards) -> str:
     return layout.checkpoints_dir(wildcards.experiment, run_id_of(wildcards))
 
@@ -314,7 +319,7 @@ def evaluated_model(wildcards) -> str:
     """
     owner = SHARED.owner(run_of(wildcards))
     if lora_direct(owner.experiment):
-        return layout.model_dir(owner.model)
+        return SHARED.start_weights(owner)
     if is_lora(owner.experiment):
         return layout.merged_dir(owner.experiment, owner.run_id)
     return layout.train_dir(owner.experiment, owner.run_id)
@@ -335,7 +340,9 @@ def snapshot_train_dir(wildcards) -> str:
 
 def snapshot_base_model(wildcards) -> list[str]:
     """A LoRA snapshot is an adapter, applied to the base model; a full fine-tune's snapshot is the model."""
-    return [layout.model_dir(wildcards.model)] if is_lora(wildcards.experiment) else []
+    if not is_lora(wildcards.experiment):
+        return []
+    return [SHARED.start_weights(run_of(wildcards))]
 
 
 def snapshot_model_option(wildcards, input) -> str:

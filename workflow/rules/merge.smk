@@ -3,7 +3,7 @@
 
 rule merge:
     input:
-        base=layout.MODEL_WILDCARDS,
+        base=start_weights,
         adapter=layout.TRAIN_WILDCARDS,
     output:
         directory(layout.MERGED_WILDCARDS),

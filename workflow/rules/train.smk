@@ -3,7 +3,7 @@
 
 rule train:
     input:
-        model=layout.MODEL_WILDCARDS,
+        model=start_weights,
         data=layout.DATASET_WILDCARDS,
         reference=train_reference,
     output:
