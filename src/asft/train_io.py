@@ -12,7 +12,7 @@ import resource
 import shutil
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,10 +55,12 @@ def finish_run_files(
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Writes each logging step (loss, CE, KL, mean weight, lr, tokens/s) as one JSON line for the plots."""
+    """Writes each logging step (loss, CE, KL, mean weight, lr, tokens/s, and `extra_keys`, e.g. RL rewards) as one
+    JSON line for the plots; a metric the trainer logged as None (no value in the window) is written as null."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, extra_keys: Sequence[str] = ()) -> None:
         self.path = path
+        self.extra_keys = tuple(extra_keys)
         self._last_time: float | None = None
         self._last_tokens = 0.0
         self._last_step = 0
@@ -71,12 +73,12 @@ class JsonlLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         now = time.perf_counter()
-        tokens = float(logs.get("num_tokens", self._last_tokens))
+        tokens = float(logs.get("num_tokens") or self._last_tokens)
         elapsed = now - (self._last_time or now)
-        record = {"step": state.global_step, "epoch": logs.get("epoch")}
-        for key in ("loss", *LOGGED_STATS, "learning_rate", "grad_norm"):
+        record: dict[str, Any] = {"step": state.global_step, "epoch": logs.get("epoch")}
+        for key in ("loss", *LOGGED_STATS, "learning_rate", "grad_norm", *self.extra_keys):
             if key in logs:
-                record[key] = float(logs[key])
+                record[key] = None if logs[key] is None else float(logs[key])
         steps = state.global_step - self._last_step
         record["tokens_per_second"] = (tokens - self._last_tokens) / elapsed if elapsed > 0 else None
         record["step_seconds"] = elapsed / steps if steps > 0 else None

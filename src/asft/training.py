@@ -234,6 +234,10 @@ def train(
     and training settings (its identity is checked): no reference model is loaded and no reference forward runs.
     The summary records what paper Table 4 reports: wall time, accelerator, peak GPU and host memory per rank.
     """
+    if spec["loss"].get("objective", "sft") != "sft":  # GRPO/DAPO: TRL's GRPOTrainer, same run guarantees
+        from asft import rl
+
+        return rl.train_rl(model_dir, data_path, spec, out_dir, checkpoint_dir, callbacks, reference_cache)
     wall_started = time.perf_counter()  # the whole job's wall time, Table 4 of the paper
     settings = spec["training"]
     accumulation = resolve_accumulation(settings)
