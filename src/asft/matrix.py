@@ -308,7 +308,14 @@ WEIGHTING_ONLY_KEYS = {"iw_sft": ("iw_temp", "iw_clip")}
 
 RL_OBJECTIVES = ("grpo", "dapo")
 # Mode keys of online RL rows (asft.rl), absent unless set: the presets for each objective live in asft.rl.
-RL_MODE_KEYS = ("epsilon", "epsilon_high", "mask_truncated_completions", "overlong_buffer")
+RL_MODE_KEYS = (
+    "epsilon",
+    "epsilon_high",
+    "mask_truncated_completions",
+    "overlong_buffer",
+    "scale_rewards",
+    "kl_bias_correction",
+)
 
 
 def is_rl(config: Mapping[str, Any], mode: str) -> bool:

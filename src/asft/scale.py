@@ -65,9 +65,17 @@ def thin_axis(values: list) -> list:
     return list(values) if len(values) <= 2 else [values[0], values[-1]]
 
 
-def _smoke_training(training: Mapping[str, Any]) -> dict[str, Any]:
+# online RL at smoke scale: two completions of a few tokens per prompt, one prompt pair per step, no vLLM
+_SMOKE_RL = {"num_generations": 2, "max_completion_length": 12, "use_vllm": False}
+
+
+def _smoke_training(training: Mapping[str, Any], rl: bool) -> dict[str, Any]:
     smoke = {**training, **_SMOKE_TRAINING}
     smoke["per_device_train_batch_size"] = min(training["per_device_train_batch_size"], 4)
+    smoke["rl"] = {**training["rl"], **_SMOKE_RL}
+    if rl:  # a rollout per micro-batch of the global batch would be hundreds of CPU generations per step
+        smoke["global_batch_size"] = None
+        smoke["gradient_accumulation_steps"] = 1
     if training.get("snapshot_steps"):
         smoke["snapshot_steps"] = list(SMOKE_SNAPSHOT_STEPS)
     return smoke
@@ -113,7 +121,8 @@ def apply_scale(config: Mapping[str, Any]) -> dict[str, Any]:
         if exp.get("sweep"):
             exp["sweep"] = {key: thin_axis(values) for key, values in exp["sweep"].items()}
         exp["resources"] = {**exp.get("resources", {}), "device": "cpu"}  # stand-ins on CPU, also on a cluster
-        exp["training"] = _smoke_training(exp["training"])
+        rl = any(scaled["modes"][mode].get("objective", "sft") != "sft" for mode in exp["modes"])
+        exp["training"] = _smoke_training(exp["training"], rl)
         exp["evaluation"] = _smoke_evaluation(exp["evaluation"])
         # the merge stage is exercised by the demo's workflow tests; here it would only add jobs
         exp["evaluation"]["lora_direct"] = exp["training"]["finetune"] == "lora"

@@ -25,6 +25,8 @@ METHOD_LABELS = {
     "base": "Base",
     "sft": "SFT",
     "sft+kl": "SFT w/ KL",
+    "sft+dapo": "SFT + DAPO",
+    "asft+dapo": "ASFT + DAPO",
     "dft": "DFT",
     "asft": "ASFT",
     "asft-reverse": "ASFT (reverse KL)",
@@ -46,9 +48,15 @@ BENCHMARK_LABELS = {
     "minerva_math": "Minerva Math",
     "olympiadbench": "OlympiadBench",
     "amc23": "AMC23",
+    "humaneval": "HumanEval",
+    "humaneval_plus": "HumanEval+",
+    "mbpp": "MBPP",
+    "mbpp_plus": "MBPP+",
+    "alpaca_eval": "AlpacaEval win rate",
 }
 MEDICAL = ("medqa", "mmlu_medical", "medmcqa")
 MATH = ("aime24", "math500", "minerva_math", "olympiadbench", "amc23")  # Table 1's column order
+CODE = ("humaneval", "humaneval_plus", "mbpp", "mbpp_plus")  # Table 3's column order
 SIZES = ("10k", "30k", "100k")
 # The first words of every caption rendered from smoke-scale results (asft.scale).
 SMOKE_NOTE = "Smoke scale: embedded stand-ins, numbers are not comparable."
@@ -112,7 +120,7 @@ class TableSpec:
 
     name: str
     title: str
-    reference_file: str
+    reference_file: str | None  # None: a table of ours, with no published numbers
     reference_keys: tuple[str, ...]
     groups: tuple[Group, ...]
     rows: tuple[Row, ...]
@@ -222,6 +230,110 @@ TABLE1 = TableSpec(
     ),
 )
 
+
+# ---------------------------------------------------------------- Table 2
+def table2_source(method: str) -> dict:
+    """LLaMA-2-7B on MedMCQA 10k: SFT-family rows from Table 1's runs, IW-SFT, RL from the base model, and DAPO
+    continued from the SFT and ASFT runs (init_from), whose mode label names the parent."""
+    if method in ("sft", "dft", "asft", "base"):
+        return medical_10k(method)
+    if method == "iw-sft":
+        return sel("table2_iwsft", "llama-2-7b", "iw-sft", "medmcqa-10k")
+    if method in ("grpo", "dapo"):
+        return sel("table2_rl", "llama-2-7b", method, "medmcqa-10k")
+    parent, _, mode = method.partition("+")
+    return sel("table2_continual", "llama-2-7b", mode, "medmcqa-10k", init_label=_paper_label(parent))
+
+
+def _paper_label(mode: str) -> str:
+    """The mode label of Table 1's medical run of `mode` (its KL weight in the label when it is anchored)."""
+    return f"{mode}-kl{PAPER_KL_WEIGHT:g}" if mode in ("asft", "sft+kl") else mode
+
+
+TABLE2_ROWS = (
+    ("sft", ("dft", "iw-sft", "sft", "asft")),
+    ("rl", ("grpo", "dapo")),
+    ("continual", ("sft+dapo", "asft+dapo")),
+)
+TABLE2 = TableSpec(
+    name="table2",
+    title="Table 2",
+    reference_file="asft_paper_table2.csv",
+    reference_keys=("group", "method"),
+    groups=(Group("medical", "Medical (LLaMA-2-7B, MedMCQA 10k)", _bench_columns(MEDICAL, "medical_avg", "Avg")),),
+    rows=tuple(
+        Row(
+            method,
+            {"medical": table2_source(method)},
+            (group, method),
+            block=group,
+            base={"medical": medical_10k("base")},
+        )
+        for group, methods in TABLE2_ROWS
+        for method in methods
+    ),
+    block_label="Strategy",
+    setting="Post-training strategies on LLaMA-2-7B with MedMCQA 10k: supervised (DFT, IW-SFT, SFT, ASFT), RL from "
+    "the base model with the answer letter as reward (GRPO, DAPO), and DAPO continued from the SFT and ASFT models",
+    decoding="medical scored by the answer letter",
+    differences=(
+        "the paper gives no RL hyper-parameters: ours are in config/paper.yaml (experiments.table2_rl); DAPO's "
+        "dynamic sampling is not in TRL's GRPOTrainer, so our DAPO keeps groups whose rewards are all equal",
+    ),
+)
+
+
+# ---------------------------------------------------------------- Table 3
+def code_source(method: str) -> dict:
+    """LLaMA-2-7B on 10k Magicoder-Evol-Instruct samples (Table 3's one experiment)."""
+    if method == "base":
+        return sel("table3_code", "llama-2-7b", "base")
+    return sel("table3_code", "llama-2-7b", method, "magicoder-10k")
+
+
+TABLE3 = TableSpec(
+    name="table3",
+    title="Table 3",
+    reference_file="asft_paper_table3.csv",
+    reference_keys=("method",),
+    groups=(Group("code", "Code (LLaMA-2-7B, Magicoder-Evol-Instruct 10k)", _bench_columns(CODE, "avg", "Avg")),),
+    rows=tuple(
+        Row(method, {"code": code_source(method)}, (method,)) for method in ("base", "sft", "iw-sft", "dft", "asft")
+    ),
+    block_label=None,
+    setting="Code generation: LLaMA-2-7B fine-tuned on 10k Magicoder-Evol-Instruct-110K samples for 2 epochs, "
+    "otherwise the medical setup (max length 512, global batch 64, lr 2e-5)",
+    decoding="evalplus pass@1, greedy; generated code runs only in the sandbox (asft.evaluation.sandbox)",
+)
+
+
+# ---------------------------------------------------------------- AlpacaEval (upstream's instruction following)
+ALPACA_EVAL = TableSpec(
+    name="alpaca_eval",
+    title="AlpacaEval",
+    reference_file=None,
+    reference_keys=(),
+    groups=(Group("chat", "Instruction following (LLaMA-2-7B, Magpie 10k)", (Column("alpaca_eval", "Win rate", "alpaca_eval"),)),),
+    rows=tuple(
+        Row(
+            method,
+            {
+                "chat": sel(
+                    "alpaca_eval", "llama-2-7b", method, **({} if method == "base" else {"dataset": "magpie-10k"})
+                )
+            },
+            None,
+        )
+        for method in ("base", "sft", "dft", "asft")
+    ),
+    block_label=None,
+    setting="Instruction following, as the upstream repository evaluates it: LLaMA-2-7B fine-tuned on Magpie 10k, "
+    "each answer judged against AlpacaEval's reference answer by an LLM judge (evaluation.judge), win rate with "
+    "a bootstrap CI over instructions (ties count one half)",
+    decoding="greedy answers; the judge at temperature 0, each pair shown in a random (seeded) order",
+    differences=("not in the paper: the upstream repository's evaluation, no published numbers",),
+)
+
 # ---------------------------------------------------------------- Table 4
 TABLE4 = TableSpec(
     name="table4",
@@ -243,9 +355,9 @@ TABLE4 = TableSpec(
         Row("sft", {"medical": medical_10k("sft")}, ("sft",)),
         Row("dft", {"medical": medical_10k("dft")}, ("dft",)),
         Row("sft+kl", {"medical": medical_10k("sft+kl")}, None),
-        Row("iw-sft", {}, ("iw-sft",)),
-        Row("grpo", {}, ("grpo",)),
-        Row("dapo", {}, ("dapo",)),
+        Row("iw-sft", {"medical": table2_source("iw-sft")}, ("iw-sft",)),
+        Row("grpo", {"medical": table2_source("grpo")}, ("grpo",)),
+        Row("dapo", {"medical": table2_source("dapo")}, ("dapo",)),
         Row(
             "asft-lora",
             {"medical": sel("table4_lora", "llama-2-7b", "asft", "medmcqa-10k")},
@@ -258,10 +370,7 @@ TABLE4 = TableSpec(
     setting="Training cost on LLaMA-2-7B, MedMCQA 10k: wall time, peak accelerator memory (max over ranks) and "
     "the medical average; ASFT-LoRA is rank 8, lr 5e-4",
     decoding="medical scored by the answer letter",
-    differences=(
-        "the paper measured one NVIDIA A100; IW-SFT, GRPO and DAPO are RL/importance-weighted baselines we have not "
-        "built; SFT w/ KL is ours only",
-    ),
+    differences=("the paper measured one NVIDIA A100; SFT w/ KL is ours only",),
 )
 
 # ---------------------------------------------------------------- Table 5
@@ -272,15 +381,15 @@ _TABLE5_ORDER = (
     ("qwen2.5-32b", ("base", "sft", "dft", "asft")),
     ("qwen2.5-72b", ("base", "sft", "dft", "asft")),
 )
-NOT_BUILT = frozenset({"iw-sft", "grpo", "dapo"})
+NOT_BUILT = frozenset({"iw-sft", "grpo", "dapo"})  # except on LLaMA-2-7B, where Table 2 builds them
 
 
 def table5_source(model: str, mode: str) -> dict | None:
     """Where a Table 5 (and Figure 3) cell comes from; None for baselines we do not build."""
+    if model == "llama-2-7b":
+        return table2_source(mode) if mode in NOT_BUILT else medical_10k(mode)
     if mode in NOT_BUILT:
         return None
-    if model == "llama-2-7b":
-        return medical_10k(mode)
     experiment = {"qwen2.5-7b": "table5_qwen7b", "qwen2.5-32b": "table5_32b"}.get(model, "table5_70b")
     if mode == "base":
         return sel(experiment, model, "base")
@@ -307,7 +416,7 @@ TABLE5 = TableSpec(
     block_label="Model",
     setting="Medical benchmarks across model families and scales, full fine-tuning on MedMCQA 10k",
     decoding="medical scored by the answer letter",
-    differences=("IW-SFT, GRPO and DAPO are baselines we have not built",),
+    differences=("IW-SFT, GRPO and DAPO are built for LLaMA-2-7B only (Table 2's runs), not for Qwen2.5-7B",),
 )
 
 # ---------------------------------------------------------------- the token-weighted fork
@@ -355,4 +464,4 @@ FORK = TableSpec(
     differences=("SFT and DFT rows are ours only; the fork reported a single seed",),
 )
 
-TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (TABLE1, TABLE4, TABLE5, FORK)}
+TABLES: dict[str, TableSpec] = {spec.name: spec for spec in (TABLE1, TABLE2, TABLE3, TABLE4, TABLE5, FORK, ALPACA_EVAL)}

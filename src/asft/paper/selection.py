@@ -28,6 +28,7 @@ CONFIG_COLUMNS = (
     "kl_direction",
     "sweep_key",
     "sweep_value",
+    "init_label",  # a continual run's parent (sft+dapo vs asft+dapo)
 )
 EVAL_COLUMNS = (*CONFIG_COLUMNS, "seed", "benchmark", "step", "accuracy", "n", "ci_low", "ci_high", "scale")
 TRAIN_COLUMNS = (

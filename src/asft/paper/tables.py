@@ -58,7 +58,7 @@ def published(spec: TableSpec, row: Row, column: Column) -> float | None:
     """The paper's number for a cell; raises KeyError when the catalogue names a cell the file lacks."""
     if column.reference in row.published:
         return row.published[column.reference]
-    if row.reference is None:
+    if row.reference is None or spec.reference_file is None:
         return None
     return published_value(spec.reference_file, spec.reference_keys, row.reference, column.reference)
 
