@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from asft import matrix
 from asft.evaluation.benchmarks import (
     BENCHMARK_FORMATS,
     CHOICE_FORMATS,
+    CODE_FORMATS,
     MATH_FORMATS,
     MAX_QUESTION_CHARS,
     BenchmarkFormatError,
@@ -35,8 +37,10 @@ def _write(path: Path, *records: dict | str) -> Path:
 
 
 def test_format_names() -> None:
-    assert set(MATH_FORMATS) | set(CHOICE_FORMATS) == set(BENCHMARK_FORMATS) and len(BENCHMARK_FORMATS) == 9
+    families = (MATH_FORMATS, CHOICE_FORMATS, CODE_FORMATS)
+    assert set().union(*families) == set(BENCHMARK_FORMATS) and len(BENCHMARK_FORMATS) == sum(map(len, families))
     assert not set(MATH_FORMATS) & set(CHOICE_FORMATS)
+    assert matrix.CODE_FORMATS == CODE_FORMATS  # the planning side's copy (no torch there)
     with pytest.raises(ValueError, match="unknown benchmark format"):
         load_benchmark("math", "unused.jsonl")
 

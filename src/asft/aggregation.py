@@ -145,19 +145,26 @@ def load_train_logs(train_dirs: Sequence[Path], run_ids: Sequence[str] | None = 
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run", "step"])
 
 
+# The RL runs' accuracy reward as asft.rl logs it (TRL's per-reward-function mean).
+REWARD_COLUMN = "rewards/accuracy/mean"
+
+
 def plot_training_curves(logs: pd.DataFrame, out_path: Path, title: str) -> Path:
-    """Loss and KL to the reference over steps, one line per run (mode)."""
+    """Loss and KL to the reference over steps, one line per run (mode); with RL runs (GRPO/DAPO) also their mean
+    verifiable reward. Their KL is TRL's k3 estimate of KL(policy ‖ ref) (absent for DAPO, whose β is 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    panels = (
+    panels = [
         ("loss", "training loss"),
         ("ce", "cross-entropy on targets"),
-        ("kl", "KL(ref ‖ policy) per token"),
-    )
+        ("kl", "KL to the reference per token"),
+    ]
+    if REWARD_COLUMN in logs and logs[REWARD_COLUMN].notna().any():
+        panels.append((REWARD_COLUMN, "mean reward (RL runs)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2))
     for axis, (column, label) in zip(axes, panels, strict=True):
         for run, frame in logs.groupby("run", sort=True):
             if column in frame and frame[column].notna().any():

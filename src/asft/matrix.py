@@ -391,7 +391,19 @@ def eval_spec(config: Mapping[str, Any], experiment: str, benchmark: str) -> dic
         "bootstrap_samples": exp_eval["bootstrap_samples"],
         "dtype": exp_eval["dtype"],
         "trust_remote_code": config["experiments"][experiment]["training"]["trust_remote_code"],
+        # read by code and judged benchmarks only: other evaluations' params stay as they were before these existed
+        **(
+            {"sandbox_timeout_s": exp_eval["sandbox_timeout_s"], "sandbox_memory_mb": exp_eval["sandbox_memory_mb"]}
+            if bench["format"] in CODE_FORMATS
+            else {}
+        ),
+        **({"judge": exp_eval["judge"]} if bench["format"] in JUDGED_FORMATS else {}),
     }
+
+
+# Benchmark formats by how they are graded (asft.evaluation.benchmarks; spelled out so planning needs no torch).
+CODE_FORMATS = ("humaneval", "humaneval_plus", "mbpp", "mbpp_plus")
+JUDGED_FORMATS = ("alpaca_eval",)
 
 
 def merge_spec(config: Mapping[str, Any], experiment: str) -> dict:

@@ -4,11 +4,15 @@ Formats (one JSON object per line; docs/ARCHITECTURE.md): math500, minerva_math,
 gsm8k (math, graded with math-verify) and medqa, medmcqa, mmlu_medical (multiple choice, graded by letter).
 medqa and mmlu_medical also accept the Open Medical-LLM Leaderboard's nested layout (openlifescienceai/* on the
 hub); mmlu_medical reads cais/mmlu rows ({"subject", "question", "choices", "answer": 0-3}), the layout of
-upstream's own test file.
+upstream's own test file. humaneval, humaneval_plus, mbpp and mbpp_plus (code, run in a sandbox) read evalplus's
+HumanEvalPlus.jsonl / MbppPlus.jsonl (gzipped too): the plain names grade on `base_input`, the "_plus" names on
+`base_input + plus_input`, as evalplus's base and plus scores. Any file may be gzipped (a ".gz" name).
 """
 
 from __future__ import annotations
 
+import gzip
+import json
 import re
 import string
 from collections.abc import Callable, Iterator
@@ -17,12 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from asft.data import iter_json_objects, write_jsonl
+from asft.evaluation.code_grading import CodeTests
 
 MATH_FORMATS = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23", "gsm8k")
 CHOICE_FORMATS = ("medqa", "medmcqa", "mmlu_medical")
-BENCHMARK_FORMATS = MATH_FORMATS + CHOICE_FORMATS
-KINDS = ("math", "choice")
-Kind = Literal["math", "choice"]
+CODE_FORMATS = ("humaneval", "humaneval_plus", "mbpp", "mbpp_plus")
+BENCHMARK_FORMATS = MATH_FORMATS + CHOICE_FORMATS + CODE_FORMATS
+KINDS = ("math", "choice", "code")
+Kind = Literal["math", "choice", "code"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
@@ -55,13 +61,22 @@ class BenchmarkFormatError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """One problem: the text shown to the model, the gold answer (a letter for multiple choice)."""
+    """One problem: the text shown to the model, the gold answer (a letter for multiple choice; the canonical
+    solution for code, whose `tests` hold a `code_grading.CodeTests` as JSON)."""
 
     id: str
     question: str
     gold: str
     choices: tuple[str, ...] | None = None
     kind: Kind = "math"
+    tests: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The normalised line; `tests` only where there are any, so other kinds keep their five fields."""
+        record = asdict(self)
+        if record["tests"] is None:
+            del record["tests"]
+        return record
 
 
 def last_boxed(text: str) -> str | None:
@@ -228,6 +243,36 @@ def _mmlu(line: _Line) -> Example:
     return _choice(line, line.text("question"), [str(c) for c in choices], line.get("answer", int), "answer")
 
 
+def _code(line: _Line, *, plus: bool, dataset: Literal["humaneval", "mbpp"]) -> Example:
+    """An evalplus record -> a code Example. HumanEval's canonical solution is the body after its prompt; MBPP+'s
+    is a whole program."""
+    prompt, entry = line.text("prompt"), line.text("entry_point")
+    solution = line.text("canonical_solution")
+    reference = prompt + solution if dataset == "humaneval" else solution
+    atol = line.record.get("atol", 0.0)
+    if atol is None:
+        atol = 0.0
+    if not isinstance(atol, (int, float)) or isinstance(atol, bool) or atol < 0:
+        raise line.fail("field 'atol' must be a non-negative number")
+    if "base_input" in line.record:
+        inputs = list(_argument_lists(line, "base_input"))
+        if plus:
+            inputs += _argument_lists(line, "plus_input")
+        tests = CodeTests(entry, inputs, float(atol), dataset=dataset)
+    elif plus:
+        raise line.fail("missing field 'base_input' (a '+' benchmark needs evalplus's inputs)")
+    else:  # OpenAI's HumanEval.jsonl: its own check(candidate)
+        tests = CodeTests(entry, check=line.text("test"), dataset=dataset)
+    return Example(line.id("task_id"), prompt, reference, None, "code", tests.to_json())
+
+
+def _argument_lists(line: _Line, field: str) -> list[list[Any]]:
+    value = line.get(field, list)
+    if not all(isinstance(args, list) for args in value):
+        raise line.fail(f"field {field!r} must be a list of argument lists")
+    return value
+
+
 LOADERS: dict[str, Callable[[_Line], Example]] = {
     "math500": _math500,
     "minerva_math": _minerva,
@@ -238,12 +283,37 @@ LOADERS: dict[str, Callable[[_Line], Example]] = {
     "medqa": _medqa,
     "medmcqa": _medmcqa,
     "mmlu_medical": _mmlu,
+    "humaneval": lambda line: _code(line, plus=False, dataset="humaneval"),
+    "humaneval_plus": lambda line: _code(line, plus=True, dataset="humaneval"),
+    "mbpp": lambda line: _code(line, plus=False, dataset="mbpp"),
+    "mbpp_plus": lambda line: _code(line, plus=True, dataset="mbpp"),
 }
 
 
 def _records(path: Path) -> Iterator[_Line]:
-    for line_no, record in iter_json_objects(path, BenchmarkFormatError):
+    objects = _gzip_objects(path) if path.name.endswith(".gz") else iter_json_objects(path, BenchmarkFormatError)
+    for line_no, record in objects:
         yield _Line(record, path, line_no)
+
+
+def _gzip_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """`iter_json_objects` for a gzipped file (evalplus publishes its benchmarks as .jsonl.gz)."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            for line_no, raw in enumerate(handle, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as err:
+                    raise BenchmarkFormatError(f"{path}:{line_no}: not UTF-8 (byte {raw[err.start]:#04x})") from err
+                except json.JSONDecodeError as err:
+                    raise BenchmarkFormatError(f"{path}:{line_no}: not valid JSON ({err.msg})") from err
+                if not isinstance(record, dict):
+                    raise BenchmarkFormatError(f"{path}:{line_no}: expected a JSON object")
+                yield line_no, record
+    except (gzip.BadGzipFile, EOFError) as err:
+        raise BenchmarkFormatError(f"{path}: not a readable gzip file ({err})") from err
 
 
 def load_benchmark(name: str, path: str | Path) -> list[Example]:
@@ -278,12 +348,13 @@ def _check_ids(path: Path, numbered: list[tuple[int, Example]]) -> list[Example]
 
 
 def normalize_benchmark(name: str, src_path: str | Path, dst_path: str | Path) -> int:
-    """Write the normalised JSONL (id, question, gold, choices, kind), atomically; returns the problem count.
+    """Write the normalised JSONL (id, question, gold, choices, kind; tests for code), atomically; returns the
+    problem count.
 
     Evaluation reads only this form, so every published format is validated once, here, with its own line numbers.
     """
     examples = load_benchmark(name, src_path)
-    return write_jsonl(dst_path, (asdict(example) for example in examples))
+    return write_jsonl(dst_path, (example.to_record() for example in examples))
 
 
 def load_normalized(path: str | Path) -> list[Example]:
@@ -303,12 +374,27 @@ def load_normalized(path: str | Path) -> list[Example]:
                 raise line.fail("a 'choice' problem needs at least two choices")
             if gold not in tuple(string.ascii_uppercase[: len(choices)]):
                 raise line.fail(f"field 'gold' {gold!r} is not a letter of the {len(choices)} choices")
+        tests = line.record.get("tests")
+        if kind == "code":
+            tests = _code_tests(line)
+        elif tests is not None:
+            raise line.fail(f"field 'tests' is only for code problems, not {kind!r}")
         example = Example(
             id=line.get("id", str),
             question=line.get("question", str),
             gold=gold,
             choices=tuple(choices) if choices is not None else None,
             kind=kind,
+            tests=tests,
         )
         examples.append((line.line_no, _bounded(line, example)))
     return _check_ids(path, examples)
+
+
+def _code_tests(line: _Line) -> str:
+    text = line.get("tests", str)
+    try:
+        CodeTests.from_json(text)
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        raise line.fail(f"field 'tests': {err}") from err
+    return text

@@ -21,8 +21,10 @@ from asft.data import TEXT_TEMPLATES, render_prompt
 from asft.evaluation.backend_interface import CHOICE_TOP_K, UPSTREAM_STOP
 from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import BenchmarkFormatError, Example, load_normalized
+from asft.evaluation.code_grading import CODE_STOP, CodeTests, code_instruction, grade_code
 from asft.evaluation.grading import MathGrader, grade_choice, pick_choice
 from asft.evaluation.metrics import summarize
+from asft.evaluation.sandbox import SandboxLimits
 from asft.layout import METRICS, SAMPLES
 from asft.run_io import atomic_file, write_text_atomic
 
@@ -46,14 +48,20 @@ def choice_prompt(example: Example) -> str:
 
 
 def build_prompt(example: Example, template: str, tokenizer: Any) -> str:
+    if example.kind == "code":
+        # "plain": the bare prompt for a base model to continue (HumanEval-style); otherwise evalplus's instruction.
+        if template == "plain":
+            return example.question
+        return render_prompt(code_instruction(example.question), template, tokenizer)
     text = choice_prompt(example) if example.kind == "choice" else example.question
     return render_prompt(text, template, tokenizer)
 
 
-def stop_words(template: str) -> tuple[str, ...]:
+def stop_words(template: str, kind: str = "math") -> tuple[str, ...]:
     """Upstream's stop words, plus "\\n\\nQuestion:" for the Question/Answer prompt (its "cot" prompt_type), where
-    a base model would otherwise go on to write the next question."""
-    return UPSTREAM_STOP + ("\n\nQuestion:",) if template == "question_answer" else UPSTREAM_STOP
+    a base model would otherwise go on to write the next question; code stops where a script's test code starts."""
+    words = UPSTREAM_STOP + ("\n\nQuestion:",) if template == "question_answer" else UPSTREAM_STOP
+    return words + CODE_STOP if kind == "code" else words
 
 
 def adds_special_tokens(template: str) -> bool:
@@ -222,6 +230,62 @@ def _run_choice(
     _append(partial, records)
 
 
+def sandbox_limits(spec: dict) -> SandboxLimits:
+    """Per-program limits for code grading; evalplus-sized defaults where the spec names none."""
+    return SandboxLimits(
+        timeout_s=float(spec.get("sandbox_timeout_s", 20.0)),
+        memory_bytes=int(spec.get("sandbox_memory_mb", 4096)) << 20,
+    )
+
+
+def _run_code(
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    backend: Backend,
+    spec: dict,
+    partial: Path,
+    done: set,
+) -> None:
+    """Generate (greedy for the paper's pass@1), then run each completion against its tests in the sandbox."""
+    params = SamplingParams.from_spec(spec["sampling"], stop_words(spec["template"], "code"))
+    special = adds_special_tokens(spec["template"])
+    limits = sandbox_limits(spec)
+    todo = [i for i, ex in enumerate(examples) if any((ex.id, s) not in done for s in range(params.n))]
+    batch_size = spec["batch_size"]
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"generate {spec['benchmark']}", disable=not todo):
+        indices = todo[start : start + batch_size]
+        completions = backend.generate([prompts[i] for i in indices], params, add_special_tokens=special)
+        items, meta = [], []
+        for i, samples in zip(indices, completions, strict=True):
+            example = examples[i]
+            tests = CodeTests.from_json(example.tests or "")
+            for sample_index, completion in enumerate(samples):
+                if (example.id, sample_index) not in done:
+                    items.append((completion, example.question, tests, example.gold))
+                    meta.append((example, sample_index, completion))
+        grades = grade_code(items, limits, spec["grading_workers"])
+        _append(
+            partial,
+            [
+                {
+                    "id": ex.id,
+                    "sample": sample_index,
+                    "completion": completion,
+                    "extracted": grade.code,
+                    "gold": ex.gold,
+                    "correct": grade.correct,
+                    # "ok" when the program ran to a verdict; a sandbox timeout or failure to start is counted apart
+                    "status": grade.result.status if grade.result.status in ("timeout", "error") else "ok",
+                    "outcome": grade.result.status,
+                    "detail": grade.result.detail,
+                    "sandbox_layers": list(grade.result.layers),
+                }
+                for (ex, sample_index, completion), grade in zip(meta, grades, strict=True)
+            ],
+        )
+        log.info("generated %d/%d problems", min(start + batch_size, len(todo)), len(todo))
+
+
 def _count_methods(records: Sequence[dict]) -> dict[str, int]:
     """How many letters came from the top tokens, the fallback text, or the default (a sign of a bad prompt)."""
     counts: dict[str, int] = {}
@@ -267,7 +331,7 @@ def evaluate(
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
     kind = examples[0].kind  # load_normalized refuses a file without problems
     # A multiple-choice problem is scored from the next token's log-probabilities: one position past the prompt.
-    new_tokens = SamplingParams.from_spec(spec["sampling"]).max_new_tokens if kind == "math" else 1
+    new_tokens = SamplingParams.from_spec(spec["sampling"]).max_new_tokens if kind != "choice" else 1
     special = adds_special_tokens(spec["template"])
     check_context(examples, prompts, backend, new_tokens, benchmark_path, special)
 
@@ -281,6 +345,8 @@ def evaluate(
         log.info("resuming: %d samples already generated", len(done))
     if kind == "choice":
         _run_choice(examples, prompts, backend, partial, done, special)
+    elif kind == "code":
+        _run_code(examples, prompts, backend, spec, partial, done)
     else:
         _run_math(examples, prompts, backend, spec, partial, done)
 
@@ -299,9 +365,11 @@ def evaluate(
             "grading_errors": sum(r["status"] == "error" for r in records),
             "grading_truncated": sum(bool(r.get("truncated")) for r in records),
             "template": spec["template"],
-            "sampling": spec["sampling"] if kind == "math" else {"n": 1, "method": f"top{CHOICE_TOP_K}-letter"},
-            "stop": list(stop_words(spec["template"])) if kind == "math" else [],
+            "sampling": spec["sampling"] if kind != "choice" else {"n": 1, "method": f"top{CHOICE_TOP_K}-letter"},
+            "stop": list(stop_words(spec["template"], kind)) if kind != "choice" else [],
             "choice_methods": _count_methods(records) if kind == "choice" else {},
+            # the isolation each code sample actually ran under (sandbox.py), e.g. ["netns", "rlimits", "seccomp"]
+            "sandbox_layers": sorted({layer for r in records for layer in r.get("sandbox_layers", [])}),
             "backend": backend.name,
             "model_path": str(model_dir),
             "adapter_path": adapter,

@@ -313,7 +313,13 @@ ALPACA_EVAL = TableSpec(
     title="AlpacaEval",
     reference_file=None,
     reference_keys=(),
-    groups=(Group("chat", "Instruction following (LLaMA-2-7B, Magpie 10k)", (Column("alpaca_eval", "Win rate", "alpaca_eval"),)),),
+    groups=(
+        Group(
+            "chat",
+            "Instruction following (LLaMA-2-7B, Magpie 10k)",
+            (Column("alpaca_eval", "Win rate", "alpaca_eval"),),
+        ),
+    ),
     rows=tuple(
         Row(
             method,
