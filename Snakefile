@@ -40,8 +40,8 @@ rule all:
         all_targets(),
 
 
-# `snakemake table1` (or table4, table5, fork, fig1 ... fig5): one of the paper's tables or figures and exactly
-# the jobs it needs; `snakemake paper`: all of them. Defined only with `catalogue: paper`.
+# `snakemake table1` (or table2 ... table5, fork, fig1 ... fig5, alpaca_eval): one table or figure and exactly the
+# jobs it needs; `snakemake paper`: all of the paper's and the fork's. Defined only with `catalogue: paper`.
 for _target in PAPER_TABLES + PAPER_FIGURES:
 
     rule:
@@ -55,4 +55,4 @@ if PAPER_TABLES:
 
     rule paper:
         input:
-            paper_outputs(PAPER_TABLES + PAPER_FIGURES),
+            paper_outputs(PAPER_TARGETS),

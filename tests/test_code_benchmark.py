@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import asft
 from asft.evaluation import runner
 from asft.evaluation.benchmarks import (
     BENCHMARK_FORMATS,
@@ -23,7 +24,8 @@ from asft.evaluation.benchmarks import (
 from asft.evaluation.code_grading import CodeTests, build_program, extract_code, grade_code
 from asft.evaluation.sandbox import SandboxLimits, run_program
 
-STAND_INS = Path(__file__).parent / "stand_ins" / "code"
+# the embedded stand-ins the demo build copies for the paper's smoke run (asft.demo)
+STAND_INS = Path(asft.__file__).parent / "stand_ins"
 HUMANEVAL = STAND_INS / "humaneval_plus.jsonl"
 MBPP = STAND_INS / "mbpp_plus.jsonl"
 LIMITS = SandboxLimits(timeout_s=5.0, memory_bytes=1 << 30)

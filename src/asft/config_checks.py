@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from asft.config_files import ConfigError
-from asft.matrix import RL_MODE_KEYS, is_rl, parent_run, resolve_sampling, runs_with_origins, sweep_points
+from asft.matrix import (
+    JUDGED_FORMATS,
+    RL_MODE_KEYS,
+    is_rl,
+    parent_run,
+    resolve_sampling,
+    runs_with_origins,
+    sweep_points,
+)
 
 
 def non_finite(value: Any, path: tuple = ()) -> Iterator[tuple[list, float]]:
@@ -69,6 +77,7 @@ def check_references(config: dict, source: str) -> None:
                 f"(got {exp['training']['finetune']!r}; a full fine-tune has no adapter)"
             )
         if all_known:  # these expand the matrix, which needs every name defined
+            problems += _judge_problems(config, exp_name)
             problems += _init_from_problems(config, exp_name)
             problems += _rl_problems(config, exp_name)
             problems += _run_id_problems(config, exp_name)
@@ -78,6 +87,18 @@ def check_references(config: dict, source: str) -> None:
     problems = list(dict.fromkeys(problems))  # a benchmark's own setting is reported once, not per experiment
     if problems:
         raise ConfigError(f"{source}: invalid configuration:\n  " + "\n  ".join(problems))
+
+
+def _judge_problems(config: dict, exp_name: str) -> list[str]:
+    """A judged benchmark (alpaca_eval) needs a judge endpoint before any answer is generated."""
+    exp = config["experiments"][exp_name]
+    judged = [b for b in exp["benchmarks"] if config["benchmarks"][b]["format"] in JUDGED_FORMATS]
+    if judged and exp["evaluation"]["judge"] is None:
+        return [
+            f"experiments.{exp_name}.evaluation.judge: required by the judged benchmark(s) {judged} (an "
+            "OpenAI-compatible endpoint: base_url, model, and api_key_env naming the variable that holds its key)"
+        ]
+    return []
 
 
 def _init_from_problems(config: dict, exp_name: str) -> list[str]:

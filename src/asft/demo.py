@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ log = logging.getLogger(__name__)
 
 EOS, PAD, IM_START, IM_END = "<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [EOS, PAD, IM_START, IM_END]
+STAND_INS = Path(__file__).parent / "stand_ins"
+# packaged stand-in -> its name under the demo's benchmarks/
+STAND_IN_BENCHMARKS = {"humaneval_plus.jsonl": "code.jsonl", "alpaca_eval.json": "alpaca_eval.json"}
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -250,8 +254,9 @@ def build_demo(
     pretrain_steps: int = 800,
     vocab_size: int = 640,
 ) -> dict:
-    """Write model/, data/train.jsonl, benchmarks/arith.jsonl (MATH-500 format) and the multiple-choice
-    stand-ins data/choice_train.jsonl and benchmarks/choice.jsonl (MedMCQA format) under `out_dir`."""
+    """Write model/, data/train.jsonl, benchmarks/arith.jsonl (MATH-500 format), the multiple-choice stand-ins
+    data/choice_train.jsonl and benchmarks/choice.jsonl (MedMCQA format), and the code and judged stand-ins
+    benchmarks/code.jsonl (HumanEval+ format) and benchmarks/alpaca_eval.json under `out_dir`."""
     from transformers import GenerationConfig
 
     started = time.perf_counter()
@@ -280,6 +285,10 @@ def build_demo(
     )
 
     write_choice_sets(out_dir, train, test, seed)
+    # The code and instruction-following stand-ins of the paper's smoke run: written by hand (asft/stand_ins),
+    # since the tiny model cannot pass a real coding problem or answer a real instruction anyway.
+    for name, dest in STAND_IN_BENCHMARKS.items():
+        shutil.copyfile(STAND_INS / name, out_dir / "benchmarks" / dest)
 
     tokenizer = train_tokenizer(texts + [p.boxed_response() for p in train], vocab_size)
     model = build_model(len(tokenizer), seed)

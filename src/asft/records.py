@@ -31,6 +31,7 @@ IDENTITY_FIELDS = (
     "lora_r",
     "loss_scaling",
     "scale",
+    "init_label",  # a continual run's parent's mode label (init_from), e.g. Table 2's SFT + DAPO
 )
 
 

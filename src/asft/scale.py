@@ -17,12 +17,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from asft.evaluation.benchmarks import CHOICE_FORMATS
+from asft.matrix import CODE_FORMATS, JUDGED_FORMATS
 
 SMOKE_STEPS = 2
 SMOKE_SNAPSHOT_STEPS = [1]
 SMOKE_DEMO = {"seed": 0, "n_train": 256, "n_test": 32, "n_pretrain": 2000, "pretrain_steps": 200}
 MATH_STAND_IN = {"format": "math500", "source": {"demo": "benchmarks/arith.jsonl"}}
 CHOICE_STAND_IN = {"format": "medmcqa", "source": {"demo": "benchmarks/choice.jsonl"}}
+CODE_STAND_IN = {"source": {"demo": "benchmarks/code.jsonl"}}  # in the benchmark's own (base or plus) format
+JUDGED_STAND_IN = {"format": "alpaca_eval", "source": {"demo": "benchmarks/alpaca_eval.json"}}
 
 # training keys whose paper values need GPUs or a cluster
 _SMOKE_TRAINING = {
@@ -58,6 +61,16 @@ def _choice_datasets(config: Mapping[str, Any]) -> set[str]:
         if all(is_choice_benchmark(config["benchmarks"][b]) for b in exp["benchmarks"]):
             choice.update(exp["datasets"])
     return choice
+
+
+def _stand_in(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The demo benchmark standing in for one of the config's, graded the same way."""
+    if entry["format"] in CODE_FORMATS:
+        # humaneval(_plus) reads evalplus's layout, which the stand-in has; mbpp(_plus) differ only in the prompt
+        return {**copy.deepcopy(CODE_STAND_IN), "format": entry["format"].replace("mbpp", "humaneval")}
+    if entry["format"] in JUDGED_FORMATS:
+        return copy.deepcopy(JUDGED_STAND_IN)
+    return copy.deepcopy(CHOICE_STAND_IN if is_choice_benchmark(entry) else MATH_STAND_IN)
 
 
 def thin_axis(values: list) -> list:
@@ -110,10 +123,7 @@ def apply_scale(config: Mapping[str, Any]) -> dict[str, Any]:
         }
         for name, entry in scaled["datasets"].items()
     }
-    scaled["benchmarks"] = {
-        name: copy.deepcopy(CHOICE_STAND_IN if is_choice_benchmark(entry) else MATH_STAND_IN)
-        for name, entry in scaled["benchmarks"].items()
-    }
+    scaled["benchmarks"] = {name: _stand_in(entry) for name, entry in scaled["benchmarks"].items()}
     for exp in scaled["experiments"].values():
         for axis in ("kl_weights", "sft_weights"):
             if axis in exp:

@@ -65,14 +65,16 @@ if config["catalogue"] == "paper":
     from asft.paper.targets import (
         experiments_of,
         is_table,
+        paper_target_names,
         report_caption,
         target_names,
     )
 
     PAPER_TABLES = [name for name in target_names() if is_table(name)]
     PAPER_FIGURES = [name for name in target_names() if not is_table(name)]
+    PAPER_TARGETS = paper_target_names()  # `snakemake paper`: not our extra tables
 else:
-    PAPER_TABLES, PAPER_FIGURES = [], []
+    PAPER_TABLES, PAPER_FIGURES, PAPER_TARGETS = [], [], []
 
 # Hub commits and file hashes the fetches must reproduce (`asft lock` writes them); {} without a lock file.
 LOCK_ENTRIES = read_lock(config.get("source_lock"))

@@ -6,7 +6,8 @@ medqa and mmlu_medical also accept the Open Medical-LLM Leaderboard's nested lay
 hub); mmlu_medical reads cais/mmlu rows ({"subject", "question", "choices", "answer": 0-3}), the layout of
 upstream's own test file. humaneval, humaneval_plus, mbpp and mbpp_plus (code, run in a sandbox) read evalplus's
 HumanEvalPlus.jsonl / MbppPlus.jsonl (gzipped too): the plain names grade on `base_input`, the "_plus" names on
-`base_input + plus_input`, as evalplus's base and plus scores. Any file may be gzipped (a ".gz" name).
+`base_input + plus_input`, as evalplus's base and plus scores. alpaca_eval (judged by an LLM against the file's
+reference answers, asft.evaluation.judge) reads AlpacaEval's records. Any file may be gzipped (a ".gz" name).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from asft.evaluation.code_grading import CodeTests
 MATH_FORMATS = ("math500", "minerva_math", "olympiadbench", "aime24", "amc23", "gsm8k")
 CHOICE_FORMATS = ("medqa", "medmcqa", "mmlu_medical")
 CODE_FORMATS = ("humaneval", "humaneval_plus", "mbpp", "mbpp_plus")
-BENCHMARK_FORMATS = MATH_FORMATS + CHOICE_FORMATS + CODE_FORMATS
-KINDS = ("math", "choice", "code")
-Kind = Literal["math", "choice", "code"]
+JUDGED_FORMATS = ("alpaca_eval",)  # graded by an LLM judge against the file's reference answer (judge.py)
+BENCHMARK_FORMATS = MATH_FORMATS + CHOICE_FORMATS + CODE_FORMATS + JUDGED_FORMATS
+KINDS = ("math", "choice", "code", "judge")
+Kind = Literal["math", "choice", "code", "judge"]
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 
@@ -273,6 +275,12 @@ def _argument_lists(line: _Line, field: str) -> list[list[Any]]:
     return value
 
 
+def _alpaca_eval(line: _Line) -> Example:
+    """An AlpacaEval record ({"instruction", "output": the reference model's answer, "generator", "dataset"}):
+    the instruction to answer, and the reference answer the judge compares ours with."""
+    return Example(line.id("id"), line.text("instruction"), line.text("output"), None, "judge")
+
+
 LOADERS: dict[str, Callable[[_Line], Example]] = {
     "math500": _math500,
     "minerva_math": _minerva,
@@ -287,6 +295,7 @@ LOADERS: dict[str, Callable[[_Line], Example]] = {
     "humaneval_plus": lambda line: _code(line, plus=True, dataset="humaneval"),
     "mbpp": lambda line: _code(line, plus=False, dataset="mbpp"),
     "mbpp_plus": lambda line: _code(line, plus=True, dataset="mbpp"),
+    "alpaca_eval": _alpaca_eval,
 }
 
 

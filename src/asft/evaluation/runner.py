@@ -23,6 +23,7 @@ from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import BenchmarkFormatError, Example, load_normalized
 from asft.evaluation.code_grading import CODE_STOP, CodeTests, code_instruction, grade_code
 from asft.evaluation.grading import MathGrader, grade_choice, pick_choice
+from asft.evaluation.judge import JudgeEndpoint, Verdict, judge_pairs, win_rate
 from asft.evaluation.metrics import summarize
 from asft.evaluation.sandbox import SandboxLimits
 from asft.layout import METRICS, SAMPLES
@@ -286,6 +287,69 @@ def _run_code(
         log.info("generated %d/%d problems", min(start + batch_size, len(todo)), len(todo))
 
 
+def _run_judged(
+    examples: Sequence[Example],
+    prompts: Sequence[str],
+    backend: Backend,
+    spec: dict,
+    partial: Path,
+    done: set,
+) -> None:
+    """Answer every instruction, then have the judge compare each answer with the benchmark's reference answer.
+
+    An answer reaches the work file with its verdict: a resumed job keeps the judged ones (the key check in
+    `evaluate` has made sure they belong to this spec and model) and answers the rest again; positions are assigned
+    over the whole list, so it is judged whole.
+    """
+    params = SamplingParams.from_spec(spec["sampling"], stop_words(spec["template"]))
+    earlier = {r["id"]: r for r in read_done(partial)}
+    todo = [i for i, ex in enumerate(examples) if ex.id not in earlier]
+    answers = {ex.id: earlier[ex.id]["completion"] for ex in examples if ex.id in earlier}
+    batch_size = spec["batch_size"]
+    special = adds_special_tokens(spec["template"])
+    for start in tqdm(range(0, len(todo), batch_size), desc=f"answer {spec['benchmark']}", disable=not todo):
+        indices = todo[start : start + batch_size]
+        completions = backend.generate([prompts[i] for i in indices], params, add_special_tokens=special)
+        for i, samples in zip(indices, completions, strict=True):
+            answers[examples[i].id] = samples[0]
+    by_id = {ex.id: ex for ex in examples}
+
+    def record(verdict: Verdict) -> None:
+        ex = by_id[verdict.id]
+        line = {**verdict.to_record(), "sample": 0, "completion": answers[ex.id], "gold": ex.gold}
+        # a tie scores one half; an unparsed verdict scores nothing and is counted apart (win_rate)
+        _append(
+            partial, [{**line, "correct": verdict.score, "status": "ok" if verdict.score is not None else "unparsed"}]
+        )
+
+    judge_pairs(
+        JudgeEndpoint.from_config(spec["judge"]),
+        [ex.question for ex in examples],
+        [answers[ex.id] for ex in examples],
+        [ex.gold for ex in examples],
+        seed=spec["sampling"]["seed"],
+        ids=[ex.id for ex in examples],
+        done={i: Verdict.from_record(r) for i, r in earlier.items()},
+        on_verdict=record,
+    )
+
+
+def _judged_metrics(records: Sequence[dict], spec: dict) -> dict:
+    """The win rate as the headline score (avg_at_n, avg_ci: what tables read), with the judge's counts."""
+    verdicts = [Verdict.from_record(r) for r in records]
+    rates = win_rate(verdicts, n_boot=spec["bootstrap_samples"], seed=spec["sampling"]["seed"])
+    return {
+        **rates,
+        "n": 1,
+        "n_samples": len(records),
+        "avg_at_n": rates["win_rate"],
+        "avg_ci": rates["win_rate_ci"],
+        "pass_at_k": {},
+        "sample0_accuracy": rates["win_rate"],
+        "judge": JudgeEndpoint.from_config(spec["judge"]).describe(),  # the key's variable name, never its value
+    }
+
+
 def _count_methods(records: Sequence[dict]) -> dict[str, int]:
     """How many letters came from the top tokens, the fallback text, or the default (a sign of a bad prompt)."""
     counts: dict[str, int] = {}
@@ -347,6 +411,8 @@ def evaluate(
         _run_choice(examples, prompts, backend, partial, done, special)
     elif kind == "code":
         _run_code(examples, prompts, backend, spec, partial, done)
+    elif kind == "judge":
+        _run_judged(examples, prompts, backend, spec, partial, done)
     else:
         _run_math(examples, prompts, backend, spec, partial, done)
 
@@ -355,7 +421,10 @@ def evaluate(
     by_problem: dict[str, list[bool]] = {}
     for record in records:
         by_problem.setdefault(record["id"], []).append(bool(record["correct"]))
-    metrics = summarize(by_problem, n_boot=spec["bootstrap_samples"])
+    if kind == "judge":
+        metrics = _judged_metrics(records, spec)
+    else:
+        metrics = summarize(by_problem, n_boot=spec["bootstrap_samples"])
     metrics.update(
         {
             "benchmark": spec["benchmark"],

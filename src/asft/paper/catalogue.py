@@ -128,6 +128,8 @@ class TableSpec:
     setting: str  # model, data and decoding, as the paper's caption would say
     decoding: str
     differences: tuple[str, ...] = ()
+    # Part of `snakemake paper`; a table of ours beyond the paper (a judged one needs an endpoint) has its own target.
+    in_paper: bool = True
 
     @property
     def columns(self) -> list[tuple[Group, Column]]:
@@ -338,6 +340,7 @@ ALPACA_EVAL = TableSpec(
     "a bootstrap CI over instructions (ties count one half)",
     decoding="greedy answers; the judge at temperature 0, each pair shown in a random (seeded) order",
     differences=("not in the paper: the upstream repository's evaluation, no published numbers",),
+    in_paper=False,
 )
 
 # ---------------------------------------------------------------- Table 4

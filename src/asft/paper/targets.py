@@ -39,6 +39,11 @@ def target_names() -> list[str]:
     return [*TABLES, *FIGURES]
 
 
+def paper_target_names() -> list[str]:
+    """What `snakemake paper` renders: the paper's and the fork's tables and every figure, not our extra tables."""
+    return [name for name in target_names() if name not in TABLES or TABLES[name].in_paper]
+
+
 def is_table(name: str) -> bool:
     return name in TABLES
 
