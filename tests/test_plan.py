@@ -18,6 +18,7 @@ from asft.plan import (
     build_plan,
     eval_flops,
     format_text,
+    rl_train_flops,
     rows_by_experiment,
     rows_by_target,
     train_flops,
@@ -95,6 +96,24 @@ def test_train_flops_lora_ref_ratio_max_steps_and_truncation() -> None:
     assert flops["sft"] == pytest.approx(4e9 * per_step * 5, rel=1e-12)  # no KL logging: no reference forward
     assert flops["sft-lr"] == pytest.approx(6e9 * per_step * 5, rel=1e-12)  # ref_ratio needs p_ref every step
     assert flops["iw-sft"] == flops["sft-lr"]  # so does iw_sft
+
+
+def test_rl_train_flops_count_rollouts_at_the_decoding_throughput() -> None:
+    """GRPO: 8 completions per prompt, so 32 completions are 4 prompts a step; β > 0 adds a reference forward."""
+    raw = _raw()
+    raw["modes"].update(grpo={"objective": "grpo", "kl_weight": 0.04}, dapo={"objective": "dapo"})
+    raw["experiments"]["a"]["modes"] = ["grpo", "dapo"]
+    raw["experiments"]["a"]["training"]["rl"] = {"reward": "math", "num_generations": 8, "max_completion_length": 60}
+    config = validate_config(raw)
+    runs = {run.mode: run for run in SharedWork(config).runs("a")}
+    steps = math.ceil(1000 * 2 * 8 / 32)  # 1000 prompts x 2 epochs x 8 completions / 32 completions a step
+    assert train_shape(config, runs["grpo"]).steps == steps
+    tokens = 32 * steps * (100 / 2 + 60 / 2)
+    throughput = Throughput(train_tflops=2.0, eval_tflops=1.0)  # decoding half as fast: generation counts double
+    grpo, _ = rl_train_flops(config, runs["grpo"], throughput)
+    dapo, _ = rl_train_flops(config, runs["dapo"], throughput)
+    assert grpo == pytest.approx(1e9 * tokens * (2 * 2 + 6 + 2), rel=1e-12)
+    assert dapo == pytest.approx(1e9 * tokens * (2 * 2 + 6), rel=1e-12)  # β = 0: no reference
 
 
 def test_eval_flops_are_exact() -> None:
@@ -216,8 +235,8 @@ def test_cli_plans_the_paper_config(in_repo: None) -> None:
     for name in experiments:
         assert any(line.split()[0] == name for line in lines if line.strip()), name
     total = next(line for line in lines if line.startswith("total")).split()
-    assert total[1] == "125"  # the paper's trained runs, shared ones once
-    assert "all 621 GPU jobs estimated" in text and "[1] training FLOPs" in text
+    assert total[1] == "137"  # the paper's trained runs (Tables 1-5, figures, fork, AlpacaEval), shared ones once
+    assert "all 672 GPU jobs estimated" in text and "[1] training FLOPs" in text
     by_table = _cli("--config", "config/paper.yaml", "--by", "table", "--train-tflops", "100")
     for target in target_names():
         assert any(line.split()[0] == target for line in by_table.splitlines() if line.strip()), target
@@ -226,7 +245,7 @@ def test_cli_plans_the_paper_config(in_repo: None) -> None:
 
 def test_cli_csv_and_smoke_scale(in_repo: None) -> None:
     frame = pd.read_csv(io.StringIO(_cli("--config", "config/paper.yaml", "--format", "csv")))
-    assert frame["experiment"].iloc[-1] == "total" and frame["train_jobs"].iloc[-1] == 125
+    assert frame["experiment"].iloc[-1] == "total" and frame["train_jobs"].iloc[-1] == 137
     assert frame["unestimated_jobs"].iloc[-1] == 0 and frame["total_gpu_hours"].iloc[-1] > 0
     smoke = _cli("--config", "config/paper.yaml", "--set", "scale=smoke")
     assert "smoke: runs on CPU in minutes" in smoke and "GPU-h" in smoke

@@ -19,7 +19,15 @@ import pandas as pd
 
 from asft.config_checks import gradient_accumulation_steps
 from asft.evaluation.benchmarks import CHOICE_FORMATS
-from asft.matrix import Run, eval_spec, reads_reference_every_step, reference_key, reference_spec, run_training
+from asft.matrix import (
+    Run,
+    eval_spec,
+    is_rl,
+    reads_reference_every_step,
+    reference_key,
+    reference_spec,
+    run_training,
+)
 from asft.sharing import Evaluation, SharedWork
 
 # H100 SXM bf16 dense peak is 989 TFLOP/s. Full fine-tuning under ZeRO-3 with short, padded sequences and
@@ -129,17 +137,45 @@ def train_shape(config: Mapping[str, Any], run: Run) -> TrainShape:
     dataset = config["datasets"][run.dataset]
     gpus = training["num_processes"] * training["num_nodes"]
     global_batch = training["per_device_train_batch_size"] * gradient_accumulation_steps(training) * gpus
+    # an RL step's batch is completions, num_generations per prompt (TRL), so it consumes fewer examples
+    examples_per_step = global_batch / training["rl"]["num_generations"] if is_rl(config, run.mode) else global_batch
     steps = None
     if training["max_steps"] > 0:
         steps = training["max_steps"]
     elif dataset.get("examples") is not None:
         caps = [dataset["examples"], dataset.get("max_samples"), training.get("max_samples")]
         examples = min(c for c in caps if c is not None)
-        steps = math.ceil(examples * training["num_train_epochs"] / global_batch)
+        steps = math.ceil(examples * training["num_train_epochs"] / examples_per_step)
     mean = dataset.get("mean_tokens")
     # truncation at max_length: min() overstates the truncated mean a little, never understates it
     tokens = None if mean is None else min(float(mean), float(training["max_length"]))
     return TrainShape(gpus, global_batch, steps, tokens)
+
+
+def rl_train_flops(config: Mapping[str, Any], run: Run, throughput: Throughput) -> tuple[float | None, tuple[str, ...]]:
+    """An RL run per step: its global batch of completions generated (2·N per token of prompt and completion,
+    decoding, counted at the evaluation throughput and converted to train-throughput FLOPs), then a policy update
+    (6·N·T, LoRA 4·N·T) and, with β > 0, a reference forward (2·N·T) over the same tokens. A completion is assumed
+    to average half of max_completion_length and a prompt half the dataset's mean_tokens."""
+    shape = train_shape(config, run)
+    training = run_training(config, run)
+    params_b = config["models"][run.model].get("parameters_b")
+    missing = [f"models.{run.model}.parameters_b"] if params_b is None else []
+    if shape.steps is None:
+        missing.append(f"datasets.{run.dataset}.examples")
+    if shape.tokens_per_example is None:
+        missing.append(f"datasets.{run.dataset}.mean_tokens")
+    if missing:
+        return None, tuple(missing)
+    assert shape.steps is not None and shape.tokens_per_example is not None and params_b is not None
+    n = params_b * 1e9
+    tokens = (
+        shape.global_batch * shape.steps * (shape.tokens_per_example / 2 + training["rl"]["max_completion_length"] / 2)
+    )
+    generation = 2.0 * n * tokens * throughput.train_tflops / throughput.eval_tflops
+    update = (4.0 if training["finetune"] == "lora" else 6.0) * n * tokens
+    reference = 2.0 * n * tokens if run.kl_weight > 0 else 0.0
+    return generation + update + reference, ()
 
 
 def train_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tuple[str, ...]]:
@@ -231,7 +267,12 @@ def build_plan(config: Mapping[str, Any], throughput: Throughput | None = None) 
             key = f"train:{owner.run_dir}"
             attrs = {"dataset": run.dataset, "model": run.model, "mode": run.mode}
             if key not in jobs:
-                flops, missing = (None, ()) if smoke else train_flops(config, owner)
+                if smoke:
+                    flops, missing = None, ()
+                elif is_rl(config, owner.mode):
+                    flops, missing = rl_train_flops(config, owner, throughput or Throughput())
+                else:
+                    flops, missing = train_flops(config, owner)
                 jobs[key] = Job("train", key, owner.experiment, flops, train_shape(config, owner).gpus, missing)
             needs[exp_name].append(Need(key, attrs))
             ref_spec = reference_spec(config, owner)
@@ -378,6 +419,10 @@ def assumptions(plan: Plan) -> list[str]:
         "ceil(examples x num_train_epochs / global batch), examples = datasets.<d>.examples capped by max_samples; "
         "global batch = per_device_train_batch_size x gradient_accumulation_steps (derived from global_batch_size "
         "where set) x num_processes x num_nodes",
+        "RL runs (grpo, dapo): per step the global batch of completions (num_generations per prompt, so steps = "
+        "ceil(examples x epochs x num_generations / global batch)) is generated, 2*N per token at the evaluation "
+        "throughput, then trained on, 6*N*T (LoRA 4*N*T) + 2*N*T for the reference when kl_weight > 0, with T = "
+        "completions x (mean_tokens/2 for the prompt + max_completion_length/2)",
         "evaluation FLOPs = 2*N*problems*n*(benchmarks.<b>.mean_prompt_tokens + max_new_tokens/2), assuming "
         "completions average half their length limit; multiple choice (medqa, medmcqa, mmlu_medical): "
         "2*N*problems*mean_prompt_tokens, one forward; problems capped by evaluation.max_problems",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import string
 import time
@@ -335,9 +336,19 @@ def _run_judged(
 
 
 def _judged_metrics(records: Sequence[dict], spec: dict) -> dict:
-    """The win rate as the headline score (avg_at_n, avg_ci: what tables read), with the judge's counts."""
+    """The win rate as the headline score (avg_at_n, avg_ci: what tables read), with the judge's counts.
+
+    With no verdict parsed there is no win rate: it, its CI and `first_preferred_share` are written as null, since
+    json.dumps would write a bare NaN, which is not JSON (a strict reader refuses the whole file)."""
+
+    def no_nan(value: Any) -> Any:
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        return [no_nan(v) for v in value] if isinstance(value, list) else value
+
     verdicts = [Verdict.from_record(r) for r in records]
     rates = win_rate(verdicts, n_boot=spec["bootstrap_samples"], seed=spec["sampling"]["seed"])
+    rates = {key: no_nan(value) for key, value in rates.items()}
     return {
         **rates,
         "n": 1,
