@@ -13,6 +13,7 @@ from asft.evaluation.benchmarks import (
     BENCHMARK_FORMATS,
     CHOICE_FORMATS,
     CODE_FORMATS,
+    JUDGED_FORMATS,
     MATH_FORMATS,
     MAX_QUESTION_CHARS,
     BenchmarkFormatError,
@@ -37,10 +38,11 @@ def _write(path: Path, *records: dict | str) -> Path:
 
 
 def test_format_names() -> None:
-    families = (MATH_FORMATS, CHOICE_FORMATS, CODE_FORMATS)
+    families = (MATH_FORMATS, CHOICE_FORMATS, CODE_FORMATS, JUDGED_FORMATS)
     assert set().union(*families) == set(BENCHMARK_FORMATS) and len(BENCHMARK_FORMATS) == sum(map(len, families))
     assert not set(MATH_FORMATS) & set(CHOICE_FORMATS)
-    assert matrix.CODE_FORMATS == CODE_FORMATS  # the planning side's copy (no torch there)
+    # the planning side's copies (no torch there)
+    assert (matrix.CODE_FORMATS, matrix.JUDGED_FORMATS) == (CODE_FORMATS, JUDGED_FORMATS)
     with pytest.raises(ValueError, match="unknown benchmark format"):
         load_benchmark("math", "unused.jsonl")
 

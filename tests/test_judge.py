@@ -23,15 +23,13 @@ import pytest
 
 from asft.evaluation import runner
 from asft.evaluation.backend_interface import SamplingParams
-from asft.evaluation.benchmarks import BenchmarkFormatError, load_normalized, normalize_benchmark
+from asft.evaluation.benchmarks import BenchmarkFormatError, load_benchmark, load_normalized, normalize_benchmark
 from asft.evaluation.judge import (
     JudgeEndpoint,
     JudgeError,
-    JudgeItem,
     Verdict,
     assign_positions,
     judge_pairs,
-    load_alpaca_eval,
     parse_verdict,
     win_rate,
 )
@@ -343,43 +341,34 @@ def test_settings_are_checked() -> None:
 
 
 def test_the_stand_in_loads_as_list_and_as_jsonl(tmp_path: Path) -> None:
-    items = load_alpaca_eval(STAND_IN)
-    assert len(items) == 4 and [i.id for i in items] == ["0", "1", "2", "3"]
-    assert items[1] == JudgeItem("1", "What is 7 plus 5?", "7 plus 5 is 12.", "asft_reference", "asft_stand_in")
+    """AlpacaEval publishes a JSON list; the same records one per line read the same."""
+    items = load_benchmark("alpaca_eval", STAND_IN)
+    assert [i.id for i in items] == ["0", "1", "2", "3"] and {i.kind for i in items} == {"judge"}
+    assert (items[1].question, items[1].gold) == ("What is 7 plus 5?", "7 plus 5 is 12.")
     lines = tmp_path / "alpaca_eval.jsonl"
     lines.write_text("\n".join(json.dumps(r) for r in json.loads(STAND_IN.read_text())) + "\n")
-    assert load_alpaca_eval(lines) == items
+    assert load_benchmark("alpaca_eval", lines) == items
 
 
 @pytest.mark.parametrize(
     ("records", "message"),
     [
-        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], r"\[1\]: missing field 'output'"),
-        ([{"instruction": " ", "output": "b"}], r"\[0\]: field 'instruction' is empty"),
-        ([{"instruction": "a", "output": 3}], r"\[0\]: field 'output' has type int"),
+        ([{"instruction": "a", "output": "b"}, {"instruction": "c"}], ":2: missing field 'output'"),
+        ([{"instruction": " ", "output": "b"}], ":1: field 'instruction' is empty"),
+        ([{"instruction": "a", "output": 3}], ":1: field 'output' has type int"),
         (
             [{"instruction": "a", "output": "b", "id": 5}, {"instruction": "c", "output": "d", "id": "5"}],
-            r"\[1\]: duplicate id '5' \(first at .*\[0\]\)",
-        ),  # fmt: skip
-        ([], "no instructions"),
-        (["text"], r"\[0\]: expected a JSON object"),
+            ":2: duplicate problem id '5' (first on line 1)",
+        ),
+        ([], ": no problems"),
+        (["text"], ":1: expected a JSON object"),
     ],
 )
-def test_a_malformed_list_is_reported_with_its_index(tmp_path: Path, records: list, message: str) -> None:
+def test_a_malformed_list_is_reported_with_its_item(tmp_path: Path, records: list, message: str) -> None:
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(records))
-    with pytest.raises(BenchmarkFormatError, match=re.escape(str(path)) + ".*" + message):
-        load_alpaca_eval(path)
-
-
-def test_a_malformed_jsonl_is_reported_with_its_line(tmp_path: Path) -> None:
-    path = tmp_path / "bad.jsonl"
-    path.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "generator": 1, "output": "d"}\n')
-    with pytest.raises(BenchmarkFormatError, match=re.escape(f"{path}:3: field 'generator' has type int")):
-        load_alpaca_eval(path)
-    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
-    with pytest.raises(BenchmarkFormatError, match=re.escape(f"{path}:2: not valid JSON")):
-        load_alpaca_eval(path)
+    with pytest.raises(BenchmarkFormatError, match=re.escape(f"{path}{message}")):
+        load_benchmark("alpaca_eval", path)
 
 
 # --- the evaluation stage end to end: answers from a fake backend, verdicts from the scripted server ---------------
@@ -492,7 +481,7 @@ def test_the_evaluation_stage_judges_resumes_and_keeps_the_key_out(
     assert written["judge"]["api_key_env"] == KEY_ENV and written["judge"]["api_key_set"] is True
     assert written["judge"]["base_url"] == judge.base_url and "prompt_sha256" in written["judge"]
     samples = [json.loads(line) for line in (out / runner.SAMPLES).read_text().splitlines()]
-    references = [item.reference for item in load_alpaca_eval(STAND_IN)]
+    references = [item.gold for item in load_benchmark("alpaca_eval", STAND_IN)]
     assert [s["id"] for s in samples] == ["0", "1", "2", "3"]
     assert [s["completion"] for s in samples] == list(ANSWERS.values()) and [s["gold"] for s in samples] == references
     assert {s["id"]: s["outcome"] for s in samples} == OUTCOMES
@@ -528,10 +517,9 @@ def test_a_judge_that_parses_nothing_gives_a_null_score_in_valid_json(
     assert len(judge.requests) == 4
 
 
-@pytest.mark.xfail(strict=True, reason="normalize_benchmark reads alpaca_eval as JSONL only; the stand-in is a list")
 def test_the_stand_in_normalises_as_published(tmp_path: Path) -> None:
     """The demo's judged benchmark is the stand-in as is (a JSON list, AlpacaEval's published layout): the
-    workflow's normalize step must read it, as load_alpaca_eval does."""
+    workflow's normalize step must read it."""
     normalize_benchmark("alpaca_eval", STAND_IN, tmp_path / "bench.jsonl")
     assert load_normalized(tmp_path / "bench.jsonl") == load_normalized(_normalized_stand_in(tmp_path))
 
@@ -609,13 +597,13 @@ def test_judging_with_a_real_vllm_server(
     each outcome follows from the reply and the position, and unparsed replies are counted, not made ties."""
     monkeypatch.setenv(KEY_ENV, SECRET)
     caplog.set_level(logging.DEBUG)
-    items = load_alpaca_eval(STAND_IN)[:3]
-    candidates = ["Blue.", "12", items[2].reference]  # the last is identical to its reference: a tie, not sent
+    items = load_benchmark("alpaca_eval", STAND_IN)[:3]
+    candidates = ["Blue.", "12", items[2].gold]  # the last is identical to its reference: a tie, not sent
     # max_tokens 1 lets the demo model's first token stand alone, so some replies may parse; 8 gives it room
     # to ramble. Either way the accounting must add up.
     for max_tokens in (1, 8):
         judge = JudgeEndpoint(vllm_judge, "judge", api=api, api_key_env=KEY_ENV, max_tokens=max_tokens)  # type: ignore[arg-type]
-        verdicts = judge_pairs(judge, [i.instruction for i in items], candidates, [i.reference for i in items],
+        verdicts = judge_pairs(judge, [i.question for i in items], candidates, [i.gold for i in items],
                                seed=0, ids=[i.id for i in items])  # fmt: skip
         assert [v.id for v in verdicts] == ["0", "1", "2"]
         assert verdicts[2].outcome == "tie" and verdicts[2].reply == ""

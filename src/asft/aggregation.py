@@ -40,7 +40,8 @@ def load_metrics(paths: Sequence[Path], identities: Sequence[dict] | None = None
                 "mode": run.get("mode_label", BASE_LABEL),
                 "seed": run.get("seed"),
                 "benchmark": run.get("benchmark", metrics["benchmark"]),
-                "score": 100 * metrics["avg_at_n"],
+                # null where nothing was scored (a judge whose every verdict was unparsable)
+                "score": None if metrics["avg_at_n"] is None else 100 * metrics["avg_at_n"],
                 "ci_low": None if low is None else 100 * low,
                 "ci_high": None if high is None else 100 * high,
                 "n_problems": metrics["n_problems"],

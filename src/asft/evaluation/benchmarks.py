@@ -300,9 +300,28 @@ LOADERS: dict[str, Callable[[_Line], Example]] = {
 
 
 def _records(path: Path) -> Iterator[_Line]:
-    objects = _gzip_objects(path) if path.name.endswith(".gz") else iter_json_objects(path, BenchmarkFormatError)
+    if path.name.endswith(".gz"):
+        objects = _gzip_objects(path)
+    elif path.suffix == ".json":
+        objects = _list_objects(path)
+    else:
+        objects = iter_json_objects(path, BenchmarkFormatError)
     for line_no, record in objects:
         yield _Line(record, path, line_no)
+
+
+def _list_objects(path: Path) -> Iterator[tuple[int, dict]]:
+    """A file holding one JSON list of records (AlpacaEval publishes its set so); errors name the 1-based item."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BenchmarkFormatError(f"{path}: not a readable JSON file ({err})") from err
+    if not isinstance(items, list):
+        raise BenchmarkFormatError(f"{path}: expected a JSON list of records, got {type(items).__name__}")
+    for number, record in enumerate(items, start=1):
+        if not isinstance(record, dict):
+            raise BenchmarkFormatError(f"{path}:{number}: expected a JSON object (item {number} of the list)")
+        yield number, record
 
 
 def _gzip_objects(path: Path) -> Iterator[tuple[int, dict]]:

@@ -27,13 +27,10 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from asft.data import iter_json_objects
-from asft.evaluation.benchmarks import MAX_QUESTION_CHARS, BenchmarkFormatError
 from asft.evaluation.metrics import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -74,17 +71,6 @@ _POSITION = {"1": "1", "a": "1", "2": "2", "b": "2", "tie": "tie"}
 
 class JudgeError(RuntimeError):
     """A judge request that failed for good: names the URL and what the server said, never the key."""
-
-
-@dataclass(frozen=True)
-class JudgeItem:
-    """One AlpacaEval instruction and the reference model's answer to it."""
-
-    id: str
-    instruction: str
-    reference: str
-    generator: str | None = None
-    dataset: str | None = None
 
 
 @dataclass(frozen=True)
@@ -344,59 +330,3 @@ def win_rate(verdicts: Sequence[Verdict], n_boot: int = 1000, seed: int = 0, alp
         "first_preferred_share": sum(v.preferred == "first" for v in decided) / len(decided) if decided else math.nan,
         "per_problem": scored,
     }
-
-
-def _alpaca_record(record: Any, where: str, index: int) -> JudgeItem:
-    def fail(message: str) -> BenchmarkFormatError:
-        return BenchmarkFormatError(f"{where}: {message}")
-
-    if not isinstance(record, dict):
-        raise fail("expected a JSON object")
-    values: dict[str, str] = {}
-    for name in ("instruction", "output"):
-        value = record.get(name)
-        if value is None:
-            raise fail(f"missing field {name!r}")
-        if not isinstance(value, str):
-            raise fail(f"field {name!r} has type {type(value).__name__}")
-        if not value.strip():
-            raise fail(f"field {name!r} is empty")
-        values[name] = value
-    if len(values["instruction"]) > MAX_QUESTION_CHARS:
-        raise fail(f"instruction is {len(values['instruction'])} characters long; the limit is {MAX_QUESTION_CHARS}")
-    optional = {name: record.get(name) for name in ("generator", "dataset")}
-    for name, value in optional.items():
-        if value is not None and not isinstance(value, str):
-            raise fail(f"field {name!r} has type {type(value).__name__}")
-    item_id = str(record["id"]) if record.get("id") is not None else str(index)
-    return JudgeItem(item_id, values["instruction"], values["output"], optional["generator"], optional["dataset"])
-
-
-def load_alpaca_eval(path: str | Path) -> list[JudgeItem]:
-    """AlpacaEval's file: a JSON list of {"instruction", "output" (the reference answer), "generator", "dataset"}
-    as published (alpaca_eval.json), or the same records one per line. Ids are the record's "id" when it has one,
-    else its 0-based position. Errors name the file and the list index ([i]) or the 1-based line (:n)."""
-    path = Path(path)
-    with path.open("rb") as handle:
-        head = handle.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    numbered: list[tuple[str, JudgeItem]] = []
-    if head.startswith(b"["):
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise BenchmarkFormatError(f"{path}: not a valid JSON list ({err})") from err
-        for index, record in enumerate(records):
-            where = f"{path}[{index}]"
-            numbered.append((where, _alpaca_record(record, where, index)))
-    else:
-        for index, (line_no, record) in enumerate(iter_json_objects(path, BenchmarkFormatError)):
-            where = f"{path}:{line_no}"
-            numbered.append((where, _alpaca_record(record, where, index)))
-    if not numbered:
-        raise BenchmarkFormatError(f"{path}: no instructions")
-    first: dict[str, str] = {}
-    for where, item in numbered:
-        if item.id in first:
-            raise BenchmarkFormatError(f"{where}: duplicate id {item.id!r} (first at {first[item.id]})")
-        first[item.id] = where
-    return [item for _, item in numbered]
