@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import asft
-from asft.evaluation import runner
+from asft.evaluation import code_grading, runner
 from asft.evaluation.benchmarks import (
     BENCHMARK_FORMATS,
     CODE_FORMATS,
@@ -21,7 +21,7 @@ from asft.evaluation.benchmarks import (
     load_normalized,
     normalize_benchmark,
 )
-from asft.evaluation.code_grading import CodeTests, build_program, extract_code, grade_code
+from asft.evaluation.code_grading import CodeTests, build_program, extract_code, finished, grade_code
 from asft.evaluation.sandbox import SandboxLimits, run_program
 
 # the embedded stand-ins the demo build copies for the paper's smoke run (asft.demo)
@@ -63,7 +63,7 @@ def test_evalplus_layout_base_and_plus(name: str, path: Path) -> None:
         )
         tests = CodeTests.from_json(example.tests or "")
         assert tests.entry_point == row["entry_point"] and tests.atol == row["atol"]
-        assert tests.inputs == row["base_input"] + row["plus_input"]
+        assert tests.inputs == row["base_input"] + row["plus_input"] and tests.task_id == row["task_id"]
     assert [CodeTests.from_json(e.tests or "").inputs for e in base] == [r["base_input"] for r in rows]
 
 
@@ -122,6 +122,10 @@ def test_normalized_code_lines_are_checked(tmp_path: Path) -> None:
             "field 'tests': code tests need either 'inputs' or 'check'",
         ),
         ({**good, "kind": "math", "tests": "{}"}, "field 'tests' is only for code problems"),
+        (
+            {**good, "tests": json.dumps({"entry_point": "f", "inputs": [[1]], "dataset": "mbpp"})},
+            "field 'tests': MBPP tests need the evalplus 'task_id'",
+        ),
     ]:
         with pytest.raises(BenchmarkFormatError, match=f"norm.jsonl:1: {message}"):
             load_normalized(_write(tmp_path / "norm.jsonl", record))
@@ -160,7 +164,8 @@ def test_floats_compare_within_atol_and_find_zero_by_its_root() -> None:
 
 
 def _passes(code: str, tests: CodeTests, reference: str) -> bool:
-    return run_program(build_program(code, tests, reference), LIMITS).status == "passed"
+    (grade,) = grade_code([(code, "", tests, reference)], LIMITS)
+    return grade.correct
 
 
 def test_mbpp_special_oracles() -> None:
@@ -172,6 +177,151 @@ def test_mbpp_special_oracles() -> None:
     assert not _passes(reordered, CodeTests("similar_elements", inputs, dataset="humaneval"), reference)
     missing = "def similar_elements(a, b):\n    return (4,)\n"
     assert not _passes(missing, CodeTests("similar_elements", inputs, dataset="mbpp"), reference)
+
+
+# MBPP+ records in evalplus's layout (MbppPlus.jsonl v0.2.0): tuples, sets and complex numbers stored as JSON.
+SIMILAR = {
+    "task_id": "Mbpp/2",
+    "prompt": '"""\nWrite a function to find the shared elements from the given two lists.\n'
+    'assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n"""\n',
+    "entry_point": "similar_elements",
+    # hashable arguments only: a list raises TypeError here, so the reference itself fails on unconverted inputs
+    "canonical_solution": "from functools import lru_cache\n\n@lru_cache(maxsize=None)\n"
+    "def similar_elements(test_tup1, test_tup2):\n    return tuple(set(test_tup1) & set(test_tup2))\n",
+    "test": "",
+    "contract": "",
+    "base_input": [[[3, 4, 5, 6], [5, 7, 4, 10]], [[1, 2, 3, 4], [5, 4, 3, 7]]],
+    "plus_input": [[[11, 12, 14, 13], [17, 15, 14, 13]], [[], [1, 2]]],
+    "atol": 0,
+}
+EMPTY_DICTS = {  # Mbpp/115: sets (an empty one read back as {}, a dict, as evalplus does)
+    "task_id": "Mbpp/115",
+    "prompt": '"""\nWrite a function to check whether all dictionaries in a list are empty or not.\n'
+    'assert empty_dit([{},{},{}])==True\n"""\n',
+    "entry_point": "empty_dit",
+    "canonical_solution": "def empty_dit(list1):\n  empty_dit=all(not d for d in list1)\n  return empty_dit\n",
+    "test": "",
+    "contract": "",
+    "base_input": [[[[], [], []]], [[[1, 2], []]]],
+    "plus_input": [[[[], [3]]]],
+    "atol": 0,
+}
+ANGLE = {  # Mbpp/124: a float and a complex number, stored as their str()
+    "task_id": "Mbpp/124",
+    "prompt": '"""\nWrite a function to get the angle of a complex number.\n'
+    'assert math.isclose(angle_complex(0,1j), 1.5707963267948966, rel_tol=0.001)\n"""\n',
+    "entry_point": "angle_complex",
+    "canonical_solution": "import cmath\ndef angle_complex(a,b):\n  angle=cmath.phase(a+b)\n  return angle\n",
+    "test": "",
+    "contract": "",
+    "base_input": [["0.0", "1j"], ["2.0", "(1+2j)"]],
+    "plus_input": [["-1.5", "(-0-3j)"]],
+    "atol": 0,
+}
+
+
+@pytest.mark.parametrize("name", ["mbpp", "mbpp_plus"])
+def test_mbpp_plus_inputs_reach_the_programs_as_evalplus_restores_them(tmp_path: Path, name: str) -> None:
+    """The tests JSON keeps MBPP+'s lists; the harness calls reference and candidate with tuples, sets, complex."""
+    src = _write(tmp_path / "MbppPlus.jsonl", SIMILAR, EMPTY_DICTS, ANGLE)
+    dst = tmp_path / "norm.jsonl"
+    normalize_benchmark(name, src, dst)
+    examples = {e.id: e for e in load_normalized(dst)}
+    similar = examples["Mbpp/2"]
+    assert CodeTests.from_json(similar.tests or "").inputs[0] == [[3, 4, 5, 6], [5, 7, 4, 10]]  # JSON, as stored
+    for record in (SIMILAR, EMPTY_DICTS, ANGLE):  # each canonical solution fails on the stored lists and strings
+        assert _grade(examples[record["task_id"]], record["canonical_solution"]) == (True, "")
+    tuples_only = (
+        "def similar_elements(a, b):\n    assert type(a) is type(b) is tuple\n    return tuple(set(a) & set(b))\n"
+    )
+    assert _grade(similar, tuples_only) == (True, "")
+    correct, detail = _grade(similar, "def similar_elements(a, b):\n    return None\n")
+    assert not correct and "similar_elements(*[(3, 4, 5, 6), (5, 7, 4, 10)]) returned None, expected (4, 5)" in detail
+    sets_only = "def empty_dit(items):\n    return all(isinstance(d, (set, dict)) and not d for d in items)\n"
+    assert _grade(examples["Mbpp/115"], sets_only) == (True, "")
+    complex_only = (
+        "def angle_complex(a, b):\n    import cmath\n    return cmath.phase(complex(a) + b.conjugate().conjugate())\n"
+    )
+    assert _grade(examples["Mbpp/124"], complex_only) == (True, "")
+
+
+def _convert(task_id: str, inputs: list) -> list:
+    namespace: dict = {}
+    exec(code_grading._HARNESS, namespace)
+    return namespace["_mbpp_inputs"](task_id, inputs)
+
+
+@pytest.mark.parametrize(
+    ("task_id", "stored", "restored"),
+    [
+        ("Mbpp/2", [[1, 2], [3]], [(1, 2), (3,)]),
+        ("Mbpp/2", [1, 5, 3], [1, 5, 3]),  # not lists (the stand-in's Mbpp/2): left as they are
+        ("Mbpp/63", [[[1, 2], [3, 4]]], [[(1, 2), (3, 4)]]),
+        ("Mbpp/75", [[[1, 2], [3]], 2], [[(1, 2), (3,)], 2]),
+        ("Mbpp/106", [[1], [2, 3]], [[1], (2, 3)]),
+        ("Mbpp/115", [[[1, 2], [], 3]], [[{1, 2}, {}, {}]]),
+        ("Mbpp/124", ["1.5", "(1+2j)"], [1.5, 1 + 2j]),
+        ("Mbpp/250", [[1, 2], 4], [(1, 2), 4]),
+        ("Mbpp/252", ["(3-4j)"], [3 - 4j]),
+        ("Mbpp/259", [[[1, 2], [3]], [[4]]], [((1, 2), (3,)), ((4,),)]),
+        ("Mbpp/278", [[1, [2, 3], 4]], [(1, (2, 3), 4)]),
+        ("Mbpp/307", [["a", 1], 0, 5], [("a", 1), 0, 5]),
+        ("Mbpp/722", [{"x": [1, 2]}, 6, 70], [{"x": (1, 2)}, 6, 70]),
+        ("Mbpp/580", [[1, [2, [3]]]], [(1, (2, (3,)))]),
+        ("Mbpp/3", [[1, 2]], [[1, 2]]),  # no conversion for other tasks
+    ],
+)
+def test_mbpp_input_conversions_follow_evalplus(task_id: str, stored: list, restored: list) -> None:
+    (converted,) = _convert(task_id, [stored])
+    assert converted == restored
+    assert [type(a) for a in converted] == [type(a) for a in restored]
+    if task_id == "Mbpp/115":
+        assert [type(item) for item in converted[0]] == [set, dict, dict]
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        "import sys\n    sys.exit(0)",
+        "exit()",
+        "quit()",
+        "import os\n    os._exit(0)",
+        "import posix\n    posix._exit(0)",  # past the sandbox's guard on os._exit
+        "import os, posix, sys\n    os.write(int(sys.argv[1]), b'done\\n')\n    posix._exit(0)",  # a forged end
+        "raise KeyboardInterrupt",
+        "raise GeneratorExit",
+    ],
+)
+def test_a_candidate_that_ends_the_program_during_a_test_fails(stop: str) -> None:
+    """Every exit the candidate attempts while called is a failure, and "passed" needs the harness's own token."""
+    reference = "def add(x, y):\n    return x + y\n"
+    tests = CodeTests("add", [[1, 2], [3, 4]], dataset="humaneval")
+    assert _passes(reference, tests, reference)
+    assert not _passes(f"def add(x, y):\n    {stop}\n", tests, reference)
+    later = f"def add(x, y):\n    if x == 3:\n        {stop.replace(chr(10), chr(10) + '    ')}\n    return x + y\n"
+    assert not _passes(later, tests, reference)  # after a first test passed
+    check = "def check(candidate):\n    try:\n        candidate(1, 2)\n    except BaseException:\n        pass\n"
+    if "os._exit" not in stop:  # the sandbox's os._exit raises PermissionError, an ordinary exception, there
+        assert not _passes(f"def add(x, y):\n    {stop}\n", CodeTests("add", check=check), "")  # caught by the tests
+
+
+def test_the_token_decides_a_pass() -> None:
+    reference = "def add(x, y):\n    return x + y\n"
+    tests = CodeTests("add", [[1, 2]], dataset="humaneval")
+    result = run_program(build_program(reference, tests, reference, "t0ken"), LIMITS)
+    assert result.status == "passed" and finished(result, "t0ken") == result
+    other = finished(result, "another")
+    assert other.status == "failed" and other.detail == "the program ended before its checks did"
+    exits = run_program(build_program("def add(x, y):\n    exit(0)\n", tests, reference, "t0ken"), LIMITS)
+    assert exits.status == "failed" and "add() called exit(0)" in exits.detail and "t0ken" not in exits.stdout
+
+
+def test_a_candidate_printing_much_still_passes() -> None:
+    """Its output is swallowed (evalplus's swallow_io), so it cannot push the token out of the captured head."""
+    reference = "def add(x, y):\n    return x + y\n"
+    chatty = "def add(x, y):\n    print('x' * 100000)\n    import sys\n    sys.stderr.write('y' * 100000)\n"
+    chatty += "    return x + y\n"
+    assert _passes(chatty, CodeTests("add", [[1, 2], [3, 4]], dataset="humaneval"), reference)
 
 
 def test_original_humaneval_records_run_their_check(tmp_path: Path) -> None:

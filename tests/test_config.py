@@ -107,12 +107,15 @@ def test_demo_config_is_valid_and_filled(config: dict) -> None:
         ),
         (
             lambda c: c["benchmarks"]["arith"].update(source={"demo": "model"}),
-            "benchmarks.arith.source.demo: 'model' is not one of ['benchmarks/arith.jsonl', 'benchmarks/choice.jsonl']",
+            "benchmarks.arith.source.demo: 'model' is not one of "
+            "['benchmarks/arith.jsonl', 'benchmarks/choice.jsonl', 'benchmarks/code.jsonl', "
+            "'benchmarks/alpaca_eval.json']",
         ),
         (
             lambda c: c["benchmarks"]["arith"].update(source=[{"demo": "benchmarks/arith.jsonl"}, {"demo": "model"}]),
             "benchmarks.arith.source[1].demo: 'model' is not one of "
-            "['benchmarks/arith.jsonl', 'benchmarks/choice.jsonl']",
+            "['benchmarks/arith.jsonl', 'benchmarks/choice.jsonl', 'benchmarks/code.jsonl', "
+            "'benchmarks/alpaca_eval.json']",
         ),
     ],
 )

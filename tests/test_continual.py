@@ -92,6 +92,14 @@ def test_the_child_trains_from_the_parents_merged_weights() -> None:
         (lambda c: c["experiments"]["continual"]["training"]["rl"].update(num_generations=3), "must divide"),
         (lambda c: c["modes"]["sft"].update(epsilon_high=0.28), "modes.sft.epsilon_high"),
         (lambda c: c["modes"].update(bad={"objective": "sft"}), "'weighting' is a required property"),
+        (  # two parents with one mode label (here: two seeds) would give their children one run id
+            lambda c: (
+                c["experiments"]["demo"].update(seeds=[0, 1])
+                or c["experiments"]["continual"].update(init_from=[PARENT, "demo/tiny/arith/sft/seed1"])
+            ),
+            "the same run id 'tiny/arith/sft+dapo/seed0'",
+        ),
+        (lambda c: c["modes"]["dapo"].update(overlong_buffer=8), "modes.dapo in experiments.continual"),
     ],
 )
 def test_bad_continual_and_rl_settings_are_refused_by_key(edit, message: str) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from asft.config import load_schema
 from asft.evaluation import runner
 from asft.evaluation.backend_interface import SamplingParams
 from asft.evaluation.benchmarks import BenchmarkFormatError, load_benchmark, load_normalized, normalize_benchmark
@@ -43,23 +44,37 @@ SECRET = "sk-wt14-Zq8vT3mXsecret"  # distinctive, so that any leak of it is foun
 # --- a scripted OpenAI-compatible server --------------------------------------------------------------------------
 
 
-class FakeJudge:
-    """A stdlib HTTP server in a thread. `respond(payload, prompt)` gives (status, body dict) for each request;
-    every request's headers and payload are kept for the assertions."""
+MODELS = (200, {"object": "list", "data": [{"id": "judge", "object": "model"}]})  # GET /models, as vLLM answers it
 
-    def __init__(self, respond: Callable[[dict, str], tuple[int, dict]]) -> None:
-        self.respond = respond
+
+class FakeJudge:
+    """A stdlib HTTP server in a thread. `respond(payload, prompt)` gives (status, body dict) for each POST (a
+    completion request) and `probe()` for each GET (the preflight's GET /models); every POST's headers and payload
+    are kept in `requests`, every GET's path and headers in `probes`, for the assertions."""
+
+    def __init__(
+        self, respond: Callable[[dict, str], tuple[int, dict]], probe: Callable[[], tuple[int, dict]] = lambda: MODELS
+    ) -> None:
+        self.respond, self.probe = respond, probe
         self.requests: list[tuple[dict[str, str], dict]] = []
+        self.probes: list[tuple[str, dict[str, str]]] = []
         self.lock = threading.Lock()
         judge = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+                with judge.lock:
+                    judge.probes.append((self.path, dict(self.headers)))
+                self._send(*judge.probe())
+
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with judge.lock:
                     judge.requests.append((dict(self.headers), payload))
                 prompt = payload["messages"][0]["content"] if "messages" in payload else payload["prompt"]
-                status, body = judge.respond(payload, prompt)
+                self._send(*judge.respond(payload, prompt))
+
+            def _send(self, status: int, body: object) -> None:
                 raw = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -84,11 +99,11 @@ class FakeJudge:
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[Callable[[dict, str], tuple[int, dict]]], FakeJudge]]:
+def serve() -> Iterator[Callable[..., FakeJudge]]:
     started: list[FakeJudge] = []
 
-    def start(respond: Callable[[dict, str], tuple[int, dict]]) -> FakeJudge:
-        started.append(FakeJudge(respond))
+    def start(respond: Callable[[dict, str], tuple[int, dict]], **options: Callable[[], tuple[int, dict]]) -> FakeJudge:
+        started.append(FakeJudge(respond, **options))
         return started[-1]
 
     yield start
@@ -218,7 +233,7 @@ def test_a_judge_that_reads_the_answers_is_followed_whatever_the_order(serve: Ca
     assert win_rate(verdicts, n_boot=100)["win_rate"] == pytest.approx(8 / 12)
     headers, payload = judge.requests[0]
     assert judge.base_url + "/completions" == endpoint(judge, api="completions").url
-    assert payload["temperature"] == 0.0 and payload["max_tokens"] == 8 and payload["model"] == "judge"
+    assert payload["temperature"] == 0.0 and payload["max_tokens"] == 16 and payload["model"] == "judge"
     assert "Authorization" not in headers  # no key set: a local server needs none
 
 
@@ -337,6 +352,46 @@ def test_settings_are_checked() -> None:
         JudgeEndpoint("h:8000", "m")
 
 
+def test_the_defaults_are_the_config_schemas() -> None:
+    """A judge block that leaves a setting out gets the schema's default; the dataclass must not differ from it."""
+    settings = load_schema()["$defs"]["evaluation"]["properties"]["judge"]["properties"]
+    endpoint_defaults = JudgeEndpoint("http://h/v1", "m")
+    schema_defaults = {name: spec["default"] for name, spec in settings.items() if "default" in spec}
+    assert set(schema_defaults) == {"api_key_env", "api", "max_tokens", "timeout_s", "max_retries", "concurrency"}
+    assert {name: getattr(endpoint_defaults, name) for name in schema_defaults} == schema_defaults
+
+
+@pytest.mark.parametrize(
+    ("url", "local"),
+    [
+        ("http://localhost:8000/v1", True),
+        ("http://LOCALHOST./v1", True),
+        ("http://127.0.0.1:8000/v1", True),
+        ("http://127.4.5.6/v1", True),
+        ("http://[::1]:8000/v1", True),
+        ("https://api.openai.com/v1", False),
+        ("http://10.0.0.7:8000/v1", False),
+        ("http://gpu-node-12:8000/v1", False),
+        ("http://localhost.example.com/v1", False),
+        ("http://128.0.0.1/v1", False),
+    ],
+)
+def test_which_endpoints_are_local(url: str, local: bool) -> None:
+    assert JudgeEndpoint(url, "m").is_local() is local
+
+
+def test_the_probe_sends_the_key_and_lets_a_server_without_models_pass(
+    serve: Callable, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    judge = serve(lambda payload, prompt: reply("1"))
+    endpoint(judge).probe()
+    assert [(path, headers["Authorization"]) for path, headers in judge.probes] == [("/v1/models", f"Bearer {SECRET}")]
+    bare = serve(lambda payload, prompt: reply("1"), probe=lambda: (404, {"error": "no such route"}))
+    endpoint(bare).probe()  # it is there: the completions themselves will tell whether it works
+    assert "answered HTTP 404" in caplog.text and not bare.requests
+
+
 # --- the AlpacaEval file ------------------------------------------------------------------------------------------
 
 
@@ -434,9 +489,9 @@ def _strict_json(text: str) -> dict:
 def test_the_evaluation_stage_judges_resumes_and_keeps_the_key_out(
     serve: Callable, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    """A run whose judge fails part-way raises and keeps its verdicts; the rerun asks the judge only for the rest
-    and regenerates only the unjudged answers. metrics.json scores the win rate, the key is sent but written,
-    logged and raised nowhere."""
+    """A run whose judge fails part-way raises and keeps its answers and verdicts; the rerun generates no answer
+    and asks the judge only for the rest. metrics.json scores the win rate, the key is sent but written, logged and
+    raised nowhere."""
     monkeypatch.setenv(KEY_ENV, SECRET)
     caplog.set_level(logging.DEBUG)
     failing = {"after": 2}  # requests answered before the server breaks down; None = never
@@ -454,7 +509,11 @@ def test_the_evaluation_stage_judges_resumes_and_keeps_the_key_out(
     with pytest.raises(JudgeError, match=re.escape(judge.base_url) + ".*HTTP 500") as failed:
         runner.evaluate(tmp_path / "model", bench, spec, out)
     assert len(first.asked) == 4 and all(p.startswith("Below is an instruction") for p in first.asked)
-    # Items 0 and 1 were judged, 2 is a tie without asking, 3's request failed: three verdicts kept.
+    assert len(judge.probes) == 1  # the preflight, before any answer
+    # Every answer was kept before judging began: items 0 and 1 were judged, 2 is a tie without asking, 3's
+    # request failed: three verdicts kept.
+    kept_answers = [json.loads(line) for line in (out / runner.ANSWERS).read_text().splitlines()]
+    assert {r["id"]: r["completion"] for r in kept_answers} == dict(zip("0123", ANSWERS.values(), strict=True))
     kept = [json.loads(line) for line in (out / runner.PARTIAL).read_text().splitlines()]
     assert sorted(r["id"] for r in kept) == ["0", "1", "2"] and len(judge.requests) == 3
     texts = ["".join(traceback.format_exception(failed.value)), *(p.read_text() for p in out.iterdir())]
@@ -463,7 +522,7 @@ def test_the_evaluation_stage_judges_resumes_and_keeps_the_key_out(
     second = FakeBackend(ANSWERS)
     monkeypatch.setattr(runner, "make_backend", lambda *args, **kwargs: second)
     metrics = runner.evaluate(tmp_path / "model", bench, spec, out)
-    assert len(second.asked) == 1 and "greeting" in second.asked[0]  # only the unjudged answer again
+    assert second.asked == []  # every answer came from the work files, the unjudged one too
     # Only its verdict was asked for, with the bare instruction (not the alpaca prompt) as the judge's instruction.
     assert len(judge.requests) == 4
     assert "## Instruction\nWrite a greeting" in judge.requests[-1][1]["messages"][0]["content"]
@@ -493,8 +552,70 @@ def test_the_evaluation_stage_judges_resumes_and_keeps_the_key_out(
     texts += [p.read_text() for p in out.iterdir()] + [record.getMessage() for record in caplog.records]
     texts += [caplog.text]
     assert any("judging 1 pairs (3 done before)" in record.getMessage() for record in caplog.records)
+    assert any("resuming: 4 of 4 answers already generated" in record.getMessage() for record in caplog.records)
     leaks = [text for text in texts if SECRET in text]
     assert not leaks
+
+
+def test_answers_of_another_spec_are_not_resumed(
+    serve: Callable, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The answers work file is discarded with the samples work file when the spec changes."""
+    judge = serve(prefers_good)
+    bench, out = _normalized_stand_in(tmp_path), tmp_path / "out"
+    out.mkdir()
+    (out / runner.ANSWERS).write_text(json.dumps({"id": "0", "sample": 0, "completion": "STALE"}) + "\n")
+    (out / runner.PARTIAL_KEY).write_text('{"spec": "an older config"}')
+    backend = FakeBackend(ANSWERS)
+    monkeypatch.setattr(runner, "make_backend", lambda *args, **kwargs: backend)
+    runner.evaluate(tmp_path / "model", bench, _judged_spec(judge.base_url), out)
+    assert len(backend.asked) == 4
+    samples = [json.loads(line) for line in (out / runner.SAMPLES).read_text().splitlines()]
+    assert [s["completion"] for s in samples] == list(ANSWERS.values())
+    assert sorted(p.name for p in out.iterdir()) == [runner.METRICS, runner.SAMPLES]
+
+
+def _no_backend(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the model was loaded before the judge was checked")
+
+
+def test_a_remote_judge_without_a_key_fails_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.setattr(runner, "make_backend", _no_backend)
+    spec = _judged_spec("https://judge.example.invalid/v1")  # never contacted: the check comes first
+    with pytest.raises(JudgeError, match=re.escape(f"${KEY_ENV} (named by evaluation.judge.api_key_env) is unset")):
+        runner.evaluate(tmp_path / "model", _normalized_stand_in(tmp_path), spec, tmp_path / "out")
+    assert not (tmp_path / "out" / runner.ANSWERS).exists() and not (tmp_path / "out" / runner.PARTIAL).exists()
+
+
+def test_a_judge_that_refuses_the_key_fails_before_the_model_loads(
+    serve: Callable, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The probe is refused (401, the key echoed back as some servers do): a JudgeError naming the URL, not the key,
+    and neither the model nor a completion request is touched."""
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(runner, "make_backend", _no_backend)
+    judge = serve(prefers_good, probe=lambda: (401, {"error": f"invalid api key {SECRET}"}))
+    with pytest.raises(JudgeError, match=re.escape(f"judge at {judge.base_url}/models refused") + ".*HTTP 401") as err:
+        runner.evaluate(tmp_path / "model", _normalized_stand_in(tmp_path), _judged_spec(judge.base_url),
+                        tmp_path / "out")  # fmt: skip
+    assert len(judge.probes) == 1 and judge.probes[0][1]["Authorization"] == f"Bearer {SECRET}"
+    assert not judge.requests
+    texts = ["".join(traceback.format_exception(err.value)), caplog.text]
+    assert not [text for text in texts if SECRET in text]
+
+
+def test_an_unreachable_judge_fails_before_the_model_loads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(runner, "make_backend", _no_backend)
+    with socket.socket() as sock:  # a port that nothing listens on once this socket closes
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spec = _judged_spec(f"http://127.0.0.1:{port}/v1")  # local: no key needed, but nothing there
+    with pytest.raises(JudgeError, match=re.escape(f"judge at http://127.0.0.1:{port}/v1/models cannot be reached")):
+        runner.evaluate(tmp_path / "model", _normalized_stand_in(tmp_path), spec, tmp_path / "out")
 
 
 def test_a_judge_that_parses_nothing_gives_a_null_score_in_valid_json(

@@ -14,7 +14,8 @@ from asft.config_files import ConfigError
 from asft.layout import RUN_SPEC, TRAIN_LOG
 from asft.layout import TRAIN_SUMMARY as SUMMARY
 from asft.rewards import REWARD_NAME
-from asft.rl import OBJECTIVES, grpo_config_kwargs, objective_options, rl_dataset
+from asft.rl import grpo_config_kwargs, rl_dataset
+from asft.rl_objectives import OBJECTIVES, objective_options
 from asft.training import train
 
 RL = {
@@ -22,6 +23,7 @@ RL = {
     "num_generations": 4,
     "max_completion_length": 12,
     "temperature": 1.0,
+    "updates_per_rollout": 1,
     "use_vllm": False,
     "vllm_gpu_memory_utilization": 0.3,
 }
@@ -47,6 +49,9 @@ def test_grpo_config_mapping(config: dict) -> None:
     assert (grpo["epsilon"], grpo["epsilon_high"], grpo["mask_truncated_completions"]) == (0.2, 0.2, False)
     assert (grpo["num_generations"], grpo["max_completion_length"], grpo["temperature"]) == (4, 12, 1.0)
     assert grpo["gradient_accumulation_steps"] == 2 and grpo["per_device_train_batch_size"] == 8
+    assert grpo["steps_per_generation"] == 2  # one optimizer step per rollout batch: the PPO ratio stays 1
+    several = grpo_config_kwargs(_spec(config, {"objective": "grpo"}, {"updates_per_rollout": 4}), accumulation=2)
+    assert several["steps_per_generation"] == 8  # 4 optimizer steps of 2 micro-batches each per rollout batch
     assert grpo["use_vllm"] is False and "vllm_mode" not in grpo
     assert grpo["use_bias_correction_kl"] is False  # the GRPO paper's plain k3 KL, not TRL 1.16's default
     assert grpo["scale_rewards"] == "group" and grpo["learning_rate"] == 1.0e-3 and grpo["report_to"] == "none"
@@ -192,7 +197,9 @@ def test_rl_run_writes_a_loadable_output(small_demo: Path, tmp_path: Path, confi
     from peft import AutoPeftModelForCausalLM
 
     row = {"objective": objective, "kl_weight": 0.05} if objective == "grpo" else {"objective": "dapo"}
-    spec = _spec(config, row, max_steps=3, learning_rate=5e-3)
+    # DAPO takes 2 optimizer steps per rollout batch, so its second step's ratio differs from 1 and the clip can bind
+    updates = 1 if objective == "grpo" else 2
+    spec = _spec(config, row, {"updates_per_rollout": updates}, max_steps=3, learning_rate=5e-3)
     out, checkpoints = tmp_path / "out", tmp_path / "ckpt"
     summary = train(small_demo / "model", _nines(small_demo, tmp_path), spec, out, checkpoints)
 
@@ -203,15 +210,20 @@ def test_rl_run_writes_a_loadable_output(small_demo: Path, tmp_path: Path, confi
     written = json.loads((out / SUMMARY).read_text())
     rl = written["rl"]
     assert rl["objective"] == objective and rl["num_generations"] == 4 and rl["prompts_per_step"] == 2
-    assert rl["completions_graded"] == 3 * 8 and rl["reward_timeouts"] == 0
+    assert rl["prompts_per_rollout"] == 2 * updates
+    # a rollout batch of 8 completions per optimizer step: DAPO's 2 batches (steps 1 and 3) hold 16 each
+    assert rl["completions_graded"] == (3 * 8 if objective == "grpo" else 2 * 16) and rl["reward_timeouts"] == 0
     assert rl["final_mean_reward"] is not None and 0.0 <= rl["final_mean_reward"] <= 1.0
     assert written["wall_seconds"] > 0 and written["host_peak_rss_gb"][0] > 0
 
     log = _log(out)
     assert [r["step"] for r in log] == [1, 2, 3]
-    for key in ("loss", "reward", "reward_std", f"rewards/{REWARD_NAME}/mean", "entropy", "completions/mean_length"):
-        assert all(key in r for r in log), key
-    assert any(r["reward_std"] > 0 for r in log)  # some group carried a signal
+    # rollout metrics come with the steps that drew rollouts (every step, or steps 1 and 3 at 2 updates each)
+    rollout_steps = log[::updates]
+    for key in ("reward", "reward_std", f"rewards/{REWARD_NAME}/mean", "completions/mean_length"):
+        assert all(r.get(key) is not None for r in rollout_steps), key
+    assert all("loss" in r and "entropy" in r for r in log)
+    assert any(r["reward_std"] > 0 for r in rollout_steps)  # some group carried a signal
     if objective == "grpo":
         assert all("kl" in r for r in log) and log[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # LoRA starts at ref
         assert log[-1]["kl"] > 0  # the policy moved off its reference
@@ -251,7 +263,7 @@ def test_rl_rejects_bad_settings_before_loading(small_demo: Path, tmp_path: Path
 def test_the_schema_offers_exactly_the_objectives_keys() -> None:
     """A mode row may set each preset key but loss_type (the objective decides it), and nothing else."""
     from asft.matrix import RL_MODE_KEYS
-    from asft.rl import OBJECTIVES
+    from asft.rl_objectives import OBJECTIVES
 
     for preset in OBJECTIVES.values():
         assert set(preset) - {"loss_type", "kl_weight"} == set(RL_MODE_KEYS)

@@ -18,11 +18,14 @@ from asft.matrix import (
     JUDGED_FORMATS,
     RL_MODE_KEYS,
     is_rl,
+    loss_config,
     parent_run,
     resolve_sampling,
+    run_training,
     runs_with_origins,
     sweep_points,
 )
+from asft.rl_objectives import objective_options
 
 
 def non_finite(value: Any, path: tuple = ()) -> Iterator[tuple[list, float]]:
@@ -142,12 +145,20 @@ def _rl_problems(config: dict, exp_name: str) -> list[str]:
         except ValueError:
             continue  # reported by _batch_problems
         generations = settings["rl"]["num_generations"]
-        batch = settings["per_device_train_batch_size"] * accumulation * settings["num_processes"]
+        world = settings["num_processes"] * settings["num_nodes"]
+        batch = settings["per_device_train_batch_size"] * accumulation * world
         if batch % generations:
             problems.append(
                 f"{key}.rl.num_generations{_at_point(point)}: {generations} completions per prompt must divide the "
-                f"{batch} completions of a step (per_device_train_batch_size x accumulation x num_processes)"
+                f"{batch} completions of a step (per_device_train_batch_size x accumulation x ranks)"
             )
+    # each RL mode's options over its preset (overlong buffer within the completion length, known reward scaling)
+    for run, _ in runs_with_origins(config, exp_name):
+        if is_rl(config, run.mode):
+            try:
+                objective_options({"loss": loss_config(config, run), "training": run_training(config, run)})
+            except ConfigError as err:
+                problems.append(f"modes.{run.mode} in experiments.{exp_name}: {err}")
     return problems
 
 

@@ -220,10 +220,15 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if path.name.endswith(".jsonl.gz"):
         # evalplus publishes its benchmarks so. Read line by line, not through `datasets`: Arrow would unify the
         # problems' differently typed test inputs into one column type (ints become floats) or refuse them.
-        plain = path.with_name(path.name.removesuffix(".gz"))
-        with gzip.open(path, "rb") as packed, plain.open("wb") as unpacked:
-            shutil.copyfileobj(packed, unpacked)
-        return [record for _, record in iter_json_objects(plain, SourceError)]
+        # unpacked in a folder of its own: a `path:` source's directory is the user's, never written to
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = Path(tmp) / path.name.removesuffix(".gz")
+            try:
+                with gzip.open(path, "rb") as packed, plain.open("wb") as unpacked:
+                    shutil.copyfileobj(packed, unpacked)
+            except (gzip.BadGzipFile, EOFError) as err:
+                raise SourceError(f"{path}: not a readable gzip file ({err})") from err
+            return [record for _, record in iter_json_objects(plain, SourceError)]
     from datasets import load_dataset
 
     kind = {".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)

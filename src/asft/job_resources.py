@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from asft.matrix import Run, eval_spec, reads_reference_every_step, run_training
+from asft.matrix import Run, eval_spec, is_rl, reads_reference_every_step, run_training
 
 # Host memory of everything but the weights: the interpreter, torch, tokenised data, CUDA context.
 BASE_HOST_GB = 32
@@ -96,6 +96,8 @@ def _reference_copy(config: Mapping[str, Any], run: Run, training: Mapping[str, 
     """A full fine-tune with a loss or log that reads the reference loads the model twice."""
     if training["finetune"] == "lora" or training.get("reference") == "cached":
         return False
+    if is_rl(config, run.mode):  # TRL loads a reference only for its KL term (β > 0); kl_log_every is SFT's
+        return run.kl_weight > 0
     return reads_reference_every_step(config, run) or training["kl_log_every"] > 0
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from asft import layout
 from asft.config_files import ConfigError
+from asft.rl_objectives import OBJECTIVES
 
 SAMPLING_PRESETS: dict[str, dict[str, Any]] = {
     # Greedy decoding, one sample: cheap and deterministic (the fork's protocol).
@@ -180,15 +181,19 @@ def runs_with_origins(config: Mapping[str, Any], exp_name: str) -> Iterator[tupl
     """One experiment's runs, each with the config entries that produced its mode label (for error messages)."""
     exp = config["experiments"][exp_name]
     parents = [parent_run(config, exp_name, index) for index in range(len(exp.get("init_from") or ()))] or [None]
-    for parent in parents:
+    for index, parent in enumerate(parents):
         start = {"init_from": parent_ref(parent), "init_label": parent.mode_label} if parent else {}
+        # two parents of one mode label (other seeds, datasets or experiments) would give one child id: the
+        # origin names the parent, so the id-clash check refuses that rather than keeping one child
+        from_parent = f"init_from[{index}] {parent_ref(parent)!r} with " if parent else ""
         for model in exp["models"] if parent is None else [parent.model]:
             for dataset in exp["datasets"]:
                 for mode_index, mode in enumerate(exp["modes"]):
                     for kl, sft, origin in _anchor_weights(config, exp, mode_index, mode):
                         for point in sweep_points(exp):
                             for seed in exp["seeds"]:
-                                yield Run(exp_name, model, dataset, mode, kl, int(seed), sft, point, **start), origin
+                                run = Run(exp_name, model, dataset, mode, kl, int(seed), sft, point, **start)
+                                yield run, from_parent + origin
 
 
 def parent_ref(run: Run) -> str:
@@ -306,7 +311,7 @@ def base_identity(experiment: str, model: str) -> dict[str, Any]:
 WEIGHTING_ONLY_KEYS = {"iw_sft": ("iw_temp", "iw_clip")}
 
 
-RL_OBJECTIVES = ("grpo", "dapo")
+RL_OBJECTIVES = tuple(OBJECTIVES)  # asft.rl_objectives: the presets
 # Mode keys of online RL rows (asft.rl), absent unless set: the presets for each objective live in asft.rl.
 RL_MODE_KEYS = (
     "epsilon",

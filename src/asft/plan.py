@@ -175,7 +175,9 @@ def rl_train_flops(config: Mapping[str, Any], run: Run, throughput: Throughput) 
     generation = 2.0 * n * tokens * throughput.train_tflops / throughput.eval_tflops
     update = (4.0 if training["finetune"] == "lora" else 6.0) * n * tokens
     reference = 2.0 * n * tokens if run.kl_weight > 0 else 0.0
-    return generation + update + reference, ()
+    # several updates per rollout batch: TRL first recomputes the sampling policy's log-probs (one forward)
+    old_policy = 2.0 * n * tokens if training["rl"]["updates_per_rollout"] > 1 else 0.0
+    return generation + update + reference + old_policy, ()
 
 
 def train_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tuple[str, ...]]:
@@ -421,7 +423,8 @@ def assumptions(plan: Plan) -> list[str]:
         "where set) x num_processes x num_nodes",
         "RL runs (grpo, dapo): per step the global batch of completions (num_generations per prompt, so steps = "
         "ceil(examples x epochs x num_generations / global batch)) is generated, 2*N per token at the evaluation "
-        "throughput, then trained on, 6*N*T (LoRA 4*N*T) + 2*N*T for the reference when kl_weight > 0, with T = "
+        "throughput, then trained on, 6*N*T (LoRA 4*N*T) + 2*N*T for the reference when kl_weight > 0 and 2*N*T "
+        "for the sampling policy's log-probs when updates_per_rollout > 1, with T = "
         "completions x (mean_tokens/2 for the prompt + max_completion_length/2)",
         "evaluation FLOPs = 2*N*problems*n*(benchmarks.<b>.mean_prompt_tokens + max_new_tokens/2), assuming "
         "completions average half their length limit; multiple choice (medqa, medmcqa, mmlu_medical): "

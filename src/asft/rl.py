@@ -7,7 +7,7 @@ does the method (rollouts, group-normalised advantages, clipped surrogate, KL to
 colocation, ZeRO-3 gathering); this module maps the run spec onto its GRPOConfig (`grpo_config_kwargs`) and
 supplies the rewards (`asft.rewards`).
 
-Objectives (`OBJECTIVES`, each key overridable in the mode row):
+Objectives (`asft.rl_objectives.OBJECTIVES`, each key overridable in the mode row):
 - grpo: TRL loss_type "grpo" (each sequence's token mean, then the batch mean), symmetric clipping epsilon 0.2,
   β = the row's kl_weight: the k3 KL estimator to the starting model as in the GRPO paper (DeepSeekMath), so
   TRL 1.16's default importance-weighting of that term (use_bias_correction_kl, from DeepSeek-V3.2) is off unless
@@ -48,6 +48,7 @@ from asft.config_files import ConfigError
 from asft.data import DataFormatError, iter_json_objects, read_instruction_jsonl, template_prompt
 from asft.layout import TRAIN_LOG
 from asft.rewards import GOLD_COLUMN, REWARD_KINDS, REWARD_NAME, accuracy_reward, gold_answers
+from asft.rl_objectives import objective_options
 from asft.run_io import atomic_dir
 from asft.train_io import (
     CheckpointFingerprintCallback,
@@ -62,33 +63,6 @@ from asft.train_io import (
 
 log = logging.getLogger(__name__)
 
-OBJECTIVE_NAMES = ("grpo", "dapo")
-# The DAPO paper's soft overlong punishment: a 4096-token cache within a 20480-token maximum.
-DAPO_OVERLONG_FRACTION = 4096 / 20480
-# Defaults per objective; a mode row overrides any of these keys. overlong_buffer None: DAPO's fraction of
-# max_completion_length; 0: off.
-OBJECTIVES: dict[str, dict[str, Any]] = {
-    "grpo": {
-        "loss_type": "grpo",
-        "epsilon": 0.2,
-        "epsilon_high": 0.2,
-        "mask_truncated_completions": False,
-        "overlong_buffer": 0,
-        "scale_rewards": "group",
-        "kl_bias_correction": False,
-    },
-    "dapo": {
-        "loss_type": "dapo",
-        "epsilon": 0.2,
-        "epsilon_high": 0.28,
-        "mask_truncated_completions": True,
-        "overlong_buffer": None,
-        "scale_rewards": "group",
-        "kl_bias_correction": False,
-        "kl_weight": 0.0,
-    },
-}
-SCALE_REWARDS = ("group", "batch", "none")
 # TRL's metrics for the plots: the accuracy reward of the run's own function, the total (with DAPO's length
 # penalty), KL to the reference (only logged when β > 0), completion lengths and clipping.
 RL_LOG_KEYS = (
@@ -108,29 +82,6 @@ RL_LOG_KEYS = (
 )
 
 
-def objective_options(spec: dict) -> dict[str, Any]:
-    """The run's objective settings: the preset of `spec["loss"]["objective"]` with the row's keys over it."""
-    row = spec["loss"]
-    objective = row.get("objective")
-    if objective not in OBJECTIVES:
-        raise ConfigError(f"loss.objective: {objective!r} is not an RL objective; expected one of {OBJECTIVE_NAMES}")
-    options = {**OBJECTIVES[objective], "objective": objective}
-    options.update({k: row[k] for k in (*OBJECTIVES[objective], "kl_weight") if row.get(k) is not None})
-    options.setdefault("kl_weight", 0.0)
-    max_completion = spec["training"]["rl"]["max_completion_length"]
-    if options["overlong_buffer"] is None:
-        options["overlong_buffer"] = max(1, round(max_completion * DAPO_OVERLONG_FRACTION))
-    if not 0 <= options["overlong_buffer"] < max_completion:
-        raise ConfigError(
-            f"loss.overlong_buffer: {options['overlong_buffer']} must be in [0, max_completion_length {max_completion})"
-        )
-    if options["scale_rewards"] not in SCALE_REWARDS:
-        raise ConfigError(f"loss.scale_rewards: {options['scale_rewards']!r}; expected one of {SCALE_REWARDS}")
-    if options["kl_weight"] < 0 or options["epsilon"] <= 0 or options["epsilon_high"] <= 0:
-        raise ConfigError("loss: kl_weight must be >= 0 and epsilon, epsilon_high > 0")
-    return options
-
-
 def grpo_config_kwargs(spec: dict, accumulation: int | None = None) -> dict[str, Any]:
     """GRPOConfig's arguments from a run spec (no output folder, precision or distributed state: the run adds them).
 
@@ -138,6 +89,7 @@ def grpo_config_kwargs(spec: dict, accumulation: int | None = None) -> dict[str,
     """
     settings, rl = spec["training"], spec["training"]["rl"]
     options = objective_options(spec)
+    accumulation_steps = accumulation if accumulation is not None else gradient_accumulation_steps(settings)
     if rl["reward"] not in REWARD_KINDS:
         raise ConfigError(f"training.rl.reward: {rl['reward']!r}; expected one of {REWARD_KINDS}")
     report_to = [r for r in settings["report_to"] if r != "none"] or "none"
@@ -156,9 +108,7 @@ def grpo_config_kwargs(spec: dict, accumulation: int | None = None) -> dict[str,
         "num_train_epochs": settings["num_train_epochs"],
         "max_steps": settings["max_steps"],
         "per_device_train_batch_size": settings["per_device_train_batch_size"],
-        "gradient_accumulation_steps": accumulation
-        if accumulation is not None
-        else gradient_accumulation_steps(settings),
+        "gradient_accumulation_steps": accumulation_steps,
         "activation_checkpointing": settings["gradient_checkpointing"],
         "logging_steps": settings["logging_steps"],
         "save_steps": settings["save_steps"],
@@ -177,6 +127,9 @@ def grpo_config_kwargs(spec: dict, accumulation: int | None = None) -> dict[str,
         "epsilon": options["epsilon"],
         "epsilon_high": options["epsilon_high"],
         "mask_truncated_completions": options["mask_truncated_completions"],
+        # micro-batches per rollout batch: `updates_per_rollout` optimizer steps each take `accumulation` of them.
+        # With one, the policy that sampled is the one updated, so the PPO ratio is 1 and the clip never binds.
+        "steps_per_generation": accumulation_steps * rl["updates_per_rollout"],
         "scale_rewards": options["scale_rewards"],
         "use_bias_correction_kl": bool(options["kl_bias_correction"]),
         **vllm,
@@ -348,7 +301,13 @@ def train_rl(
                 "max_completion_length": rl["max_completion_length"],
                 "temperature": rl["temperature"],
                 "use_vllm": bool(rl["use_vllm"]),
-                "prompts_per_step": args.generation_batch_size // rl["num_generations"],
+                # one optimizer step's completions are per-device batch x accumulation x ranks
+                "prompts_per_step": args.per_device_train_batch_size
+                * accumulation
+                * accelerator.num_processes
+                // rl["num_generations"],
+                "updates_per_rollout": rl["updates_per_rollout"],
+                "prompts_per_rollout": args.generation_batch_size // rl["num_generations"],
                 "final_mean_reward": _last_logged(history, f"rewards/{REWARD_NAME}/mean"),
                 "final_total_reward": _last_logged(history, "reward"),
                 "final_kl": _last_logged(history, "kl"),

@@ -19,6 +19,7 @@ from asft.matrix import (
     base_identity,
     canonical_json,
     eval_spec,
+    find_run,
     iter_runs,
     merge_spec,
     run_identity,
@@ -41,6 +42,8 @@ def train_key(config: Mapping[str, Any], run: Run) -> str:
             # how a LoRA run is merged (or applied directly) is part of what its evaluations read
             "merge": merge_spec(config, run.experiment) if exp["training"]["finetune"] == "lora" else None,
             "lora_direct": exp["evaluation"]["lora_direct"],
+            # a continual run trains from its parent's final weights: everything they depend on, merge included
+            **({"parent": train_key(config, find_run(config, *run.init_from.split("/", 1)))} if run.init_from else {}),
         }
     )
 

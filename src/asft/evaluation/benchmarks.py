@@ -247,8 +247,10 @@ def _mmlu(line: _Line) -> Example:
 
 def _code(line: _Line, *, plus: bool, dataset: Literal["humaneval", "mbpp"]) -> Example:
     """An evalplus record -> a code Example. HumanEval's canonical solution is the body after its prompt; MBPP+'s
-    is a whole program."""
+    is a whole program. The inputs stay as the file's JSON; the task id goes with them, by which the grading harness
+    turns MBPP+'s stored lists back into the tuples, sets and complex numbers evalplus calls with."""
     prompt, entry = line.text("prompt"), line.text("entry_point")
+    task_id = line.text("task_id") if dataset == "mbpp" else line.id("task_id")  # MBPP's picks the conversions
     solution = line.text("canonical_solution")
     reference = prompt + solution if dataset == "humaneval" else solution
     atol = line.record.get("atol", 0.0)
@@ -260,12 +262,12 @@ def _code(line: _Line, *, plus: bool, dataset: Literal["humaneval", "mbpp"]) -> 
         inputs = list(_argument_lists(line, "base_input"))
         if plus:
             inputs += _argument_lists(line, "plus_input")
-        tests = CodeTests(entry, inputs, float(atol), dataset=dataset)
+        tests = CodeTests(entry, inputs, float(atol), dataset=dataset, task_id=task_id)
     elif plus:
         raise line.fail("missing field 'base_input' (a '+' benchmark needs evalplus's inputs)")
     else:  # OpenAI's HumanEval.jsonl: its own check(candidate)
-        tests = CodeTests(entry, check=line.text("test"), dataset=dataset)
-    return Example(line.id("task_id"), prompt, reference, None, "code", tests.to_json())
+        tests = CodeTests(entry, check=line.text("test"), dataset=dataset, task_id=task_id)
+    return Example(task_id, prompt, reference, None, "code", tests.to_json())
 
 
 def _argument_lists(line: _Line, field: str) -> list[list[Any]]:

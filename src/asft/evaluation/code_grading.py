@@ -9,14 +9,21 @@ HumanEval's `find_zero` is checked by the root it returns, and eight MBPP+ tasks
 task's `base_input`, the "+" score `base_input + plus_input`. A record without inputs (OpenAI's original
 HumanEval.jsonl) runs its own `check(candidate)` instead. The reference outputs are computed in the same sandbox,
 before the candidate's code is loaded, so nothing the candidate does at import can change them.
+
+MBPP+ stores some tasks' tuples, sets and complex numbers as JSON lists and strings; as evalplus does when it loads
+the file, the harness converts them back by task id before the reference or the candidate sees them (the tests JSON
+keeps them as JSON). The candidate's output is swallowed, as evalplus's `swallow_io`, and any exit it attempts
+(SystemExit, KeyboardInterrupt, GeneratorExit, os._exit) fails it: a program passes only when the harness prints a
+random per-run token after its last check, which `grade_code` looks for.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from asft.evaluation.sandbox import SandboxLimits, SandboxResult, run_programs
@@ -39,9 +46,10 @@ class CodeTests:
     atol: float = 0.0
     check: str | None = None  # test code defining check(candidate) (original HumanEval)
     dataset: str = ""  # "humaneval" or "mbpp": whose special oracles apply
+    task_id: str = ""  # evalplus's id ("Mbpp/2"): which MBPP+ inputs the harness converts back to tuples, sets...
 
     def to_json(self) -> str:
-        fields = ("entry_point", "inputs", "atol", "check", "dataset")
+        fields = ("entry_point", "inputs", "atol", "check", "dataset", "task_id")
         return json.dumps({name: getattr(self, name) for name in fields})
 
     @classmethod
@@ -62,7 +70,13 @@ class CodeTests:
         dataset = data.get("dataset", "")
         if dataset not in ("", "humaneval", "mbpp"):
             raise ValueError(f"'dataset' must be 'humaneval' or 'mbpp', got {dataset!r}")
-        return cls(data["entry_point"], inputs, float(atol), check, dataset)
+        task_id = data.get("task_id", "")
+        if not isinstance(task_id, str):
+            raise ValueError("'task_id' must be a string")
+        if dataset == "mbpp" and inputs is not None and not task_id:
+            # without it the MBPP+ inputs stored as lists would silently reach the programs as lists
+            raise ValueError("MBPP tests need the evalplus 'task_id' (normalise the benchmark again)")
+        return cls(data["entry_point"], inputs, float(atol), check, dataset, task_id)
 
 
 @dataclass(frozen=True)
@@ -97,17 +111,109 @@ def extract_code(completion: str, prompt: str, entry_point: str) -> str:
 _HARNESS = """
 import copy as _copy
 import math as _math
+import os as _os
+import sys as _sys
+
+_deepcopy = _copy.deepcopy
+_write = _os.write
+_STOPPED = []  # what tried to end the program early: no token is printed then, even if a check caught it
+
+
+class _Sink:  # the candidate's and the reference's output, swallowed (evalplus's swallow_io)
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def _guarded(who, when, function, *args, **kwargs):
+    \"\"\"function(*args, **kwargs) with its output swallowed; an attempt to end the program is a failure.\"\"\"
+    saved = _sys.stdout, _sys.stderr
+    _sys.stdout = _sys.stderr = _Sink()
+    try:
+        return function(*args, **kwargs)
+    except Exception:
+        raise
+    except BaseException as stop:  # SystemExit (exit(), quit(), sys.exit()), KeyboardInterrupt, GeneratorExit
+        _STOPPED.append(who)
+        if isinstance(stop, SystemExit):
+            raise AssertionError(f"{who} called exit({stop.code!r}){when}") from None
+        raise AssertionError(f"{who} raised {type(stop).__name__}{when}") from None
+    finally:
+        _sys.stdout, _sys.stderr = saved
 
 
 def _load(source, label, entry):
     namespace = {"__name__": label}
-    try:
-        exec(compile(source, label, "exec"), namespace)
-    except SystemExit as stop:
-        raise AssertionError(f"{label} called exit({stop.code!r}) while loading") from None
+    _guarded(label, " while loading", exec, compile(source, label, "exec"), namespace)
     if not callable(namespace.get(entry)):
         raise AssertionError(f"{label} does not define {entry}()")
     return namespace[entry]
+
+
+# MBPP+ (MbppPlus.jsonl v0.2.0) stores some tasks' tuples, sets and complex numbers as JSON lists and strings;
+# evalplus 0.3.1 converts them back when it loads the file (`mbpp_deserialize_inputs`, evalplus/data/mbpp.py at
+# tag v0.3.1, commit e5d0ed0b) and computes the expected outputs on the converted inputs. The same conversions, by
+# task number; a value that is not a list where a tuple is due is left as it is (MBPP+ always has a list there).
+_MBPP_EACH_ARG = {2, 116, 132, 143, 222, 261, 273, 394, 399, 421, 424, 429, 470, 560, 579, 596, 616, 630}
+_MBPP_EACH_ARG |= {726, 740, 744, 809}  # every argument -> a tuple
+_MBPP_EACH_ARG_ITEMS = {63, 64, 70, 94, 120, 237, 272, 299, 400, 409, 417, 438, 473, 614, 780}  # -> lists of tuples
+_MBPP_FIRST_ARG_ITEMS = {75, 413, 444, 753}  # the first argument -> a list of tuples
+_MBPP_FIRST_ARG = {250, 307, 405, 446, 617, 720, 763, 808}  # the first argument -> a tuple
+_MBPP_SECOND_ARG = {106, 750}  # the second argument -> a tuple
+_MBPP_EACH_ARG_NESTED = {259, 401, 445}  # every argument -> a tuple of tuples
+_MBPP_DEEP = {580, 615, 791}  # every list, at any depth -> a tuple
+
+
+def _tuple(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _tuples(value):
+    return [_tuple(item) for item in value] if isinstance(value, list) else value
+
+
+def _deep_tuple(value):
+    return tuple(_deep_tuple(item) for item in value) if isinstance(value, list) else value
+
+
+def _mbpp_args(number, args):
+    if not args:
+        return args
+    first, rest = args[0], list(args[1:])
+    if number in _MBPP_EACH_ARG:
+        return [_tuple(arg) for arg in args]
+    if number in _MBPP_EACH_ARG_ITEMS:
+        return [_tuples(arg) for arg in args]
+    if number in _MBPP_FIRST_ARG_ITEMS:
+        return [_tuples(first), *rest]
+    if number in _MBPP_FIRST_ARG:
+        return [_tuple(first), *rest]
+    if number in _MBPP_SECOND_ARG and rest:
+        return [first, _tuple(rest[0]), *rest[1:]]
+    if number in _MBPP_EACH_ARG_NESTED:
+        return [_tuple(_tuples(arg)) for arg in args]
+    if number in _MBPP_DEEP:
+        return [_deep_tuple(arg) for arg in args]
+    if number == 278:  # one argument, its lists -> tuples, itself -> a tuple
+        return [_tuple(_tuples(first)), *rest]
+    if number == 115 and isinstance(first, list):  # sets; an empty one becomes {} (a dict), as evalplus
+        return [[set(item) if isinstance(item, list) and item else {} for item in first], *rest]
+    if number == 124:  # stored as str(float), str(complex)
+        return [float(first), complex(rest[0]), *rest[1:]]
+    if number == 252:
+        return [complex(first), *rest]
+    if number == 722 and isinstance(first, dict):  # a dict of lists -> of tuples
+        return [{key: _tuple(value) for key, value in first.items()}, *rest]
+    return args
+
+
+def _mbpp_inputs(task_id, inputs):
+    number = task_id.rsplit("/", 1)[-1]
+    if not number.isdigit():
+        return inputs
+    return [_mbpp_args(int(number), args) for args in inputs]
 
 
 def _is_floats(value):
@@ -182,12 +288,14 @@ def _same(out, expected, args, atol, entry, dataset):
     return _allclose(out, expected, atol)
 
 
-def _run_inputs(candidate_source, reference_source, entry, inputs, atol, dataset):
+def _run_inputs(candidate_source, reference_source, entry, inputs, atol, dataset, task_id):
+    if dataset == "mbpp":
+        inputs = _mbpp_inputs(task_id, inputs)
     reference = _load(reference_source, "<reference>", entry)
-    expected = [reference(*_copy.deepcopy(args)) for args in inputs]
+    expected = [_guarded("<reference>", "", reference, *_deepcopy(args)) for args in inputs]
     candidate = _load(candidate_source, "<candidate>", entry)
     for index, (args, want) in enumerate(zip(inputs, expected)):
-        got = candidate(*_copy.deepcopy(args))
+        got = _guarded(f"input {index}: {entry}()", "", candidate, *_deepcopy(args))
         if not _same(got, want, args, atol, entry, dataset):
             shown = f"{entry}(*{args!r:.200}) returned {got!r:.200}, expected {want!r:.200}"
             raise AssertionError(f"input {index}: {shown}")
@@ -195,25 +303,53 @@ def _run_inputs(candidate_source, reference_source, entry, inputs, atol, dataset
 
 def _run_check(candidate_source, check_source, entry):
     candidate = _load(candidate_source, "<candidate>", entry)
+
+    def guarded(*args, **kwargs):
+        return _guarded(f"{entry}()", "", candidate, *args, **kwargs)
+
     namespace = {"__name__": "<tests>"}
     exec(compile(check_source, "<tests>", "exec"), namespace)
-    namespace["check"](candidate)
+    namespace["check"](guarded)
+
+
+def _main(token, run, *args):
+    try:  # the token is in this file's text (it stays in memory: a guard against accidents, not introspection)
+        _os.remove(__file__)
+    except (NameError, OSError):
+        pass
+    run(*args)
+    if not _STOPPED:
+        _write(1, ("\\n" + token + "\\n").encode())
 """
 
 
-def build_program(code: str, tests: CodeTests, reference: str) -> str:
-    """The program the sandbox runs: the harness, the data as literals, and one call; it exits 0 iff all pass."""
+def build_program(code: str, tests: CodeTests, reference: str, token: str) -> str:
+    """The program the sandbox runs: the harness, the data as literals, and one call. It prints `token` on a line
+    of its own only after every check has passed (`finished` looks for it); it exits 0 iff all pass."""
     parts = [_HARNESS]
     if tests.check is not None:
-        parts.append(f"_run_check({code!r}, {tests.check!r}, {tests.entry_point!r})\n")
+        parts.append(f"_main({token!r}, _run_check, {code!r}, {tests.check!r}, {tests.entry_point!r})\n")
     else:
         inputs = json.dumps(tests.inputs)
         parts.append("import json as _json\n")
         parts.append(
-            f"_run_inputs({code!r}, {reference!r}, {tests.entry_point!r}, _json.loads({inputs!r}), {tests.atol!r}, "
-            f"{tests.dataset!r})\n"
+            f"_main({token!r}, _run_inputs, {code!r}, {reference!r}, {tests.entry_point!r}, _json.loads({inputs!r}), "
+            f"{tests.atol!r}, {tests.dataset!r}, {tests.task_id!r})\n"
         )
     return "\n".join(parts)
+
+
+def new_token() -> str:
+    """A per-run token no candidate can guess."""
+    return secrets.token_hex(16)
+
+
+def finished(result: SandboxResult, token: str) -> SandboxResult:
+    """The sandbox's verdict, with "passed" kept only when the harness printed `token` after its last check (a
+    program ended early, by exit(0) or os._exit(0), never prints it)."""
+    if result.status == "passed" and token not in result.stdout.splitlines():
+        return replace(result, status="failed", detail="the program ended before its checks did")
+    return result
 
 
 def grade_code(
@@ -223,6 +359,7 @@ def grade_code(
 ) -> list[CodeGrade]:
     """Grade (completion, prompt, tests, reference solution) items, `workers` sandboxes at a time."""
     codes = [extract_code(completion, prompt, tests.entry_point) for completion, prompt, tests, _ in items]
-    programs = [build_program(code, item[2], item[3]) for code, item in zip(codes, items, strict=True)]
-    results = run_programs(programs, limits, workers)
+    tokens = [new_token() for _ in items]
+    programs = [build_program(code, i[2], i[3], t) for code, i, t in zip(codes, items, tokens, strict=True)]
+    results = [finished(r, t) for r, t in zip(run_programs(programs, limits, workers), tokens, strict=True)]
     return [CodeGrade(result.status == "passed", code, result) for code, result in zip(codes, results, strict=True)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import ipaddress
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ SCORES: dict[str, float] = {"win": 1.0, "loss": 0.0, "tie": 0.5}
 # key, an unknown model, a prompt over the judge's context) fails the same way every time, so it fails at once.
 RETRY_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _BODY_SNIPPET = 300  # characters of an error response kept in the exception, to show what the server said
+PROBE_TIMEOUT_S = 15.0  # the most the preflight probe waits (less where timeout_s is less)
 
 JUDGE_PROMPT = """You compare two answers to the same instruction and decide which one a careful reader would prefer.
 Prefer the answer that follows the instruction more closely and is correct, relevant and clear. Ignore the order
@@ -81,12 +83,13 @@ class JudgeEndpoint:
     base_url: str  # OpenAI-style, with the /v1 suffix: http://127.0.0.1:8000/v1
     model: str
     api: Literal["chat", "completions"] = "chat"  # "completions" for a judge model without a chat template
+    # The defaults are the config schema's (config.schema.yaml, evaluation.judge); backoff_s is not in the schema.
     api_key_env: str = DEFAULT_KEY_ENV
-    timeout_s: float = 60.0
-    max_retries: int = 3
+    timeout_s: float = 120.0
+    max_retries: int = 4
     backoff_s: float = 1.0  # wait before retry k (0-based) is backoff_s * 2**k
-    concurrency: int = 4
-    max_tokens: int = 8
+    concurrency: int = 8
+    max_tokens: int = 16
     prompt: str = field(default=JUDGE_PROMPT, repr=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +126,44 @@ class JudgeEndpoint:
 
     def has_key(self) -> bool:
         return bool(os.environ.get(self.api_key_env))
+
+    def is_local(self) -> bool:
+        """Whether the endpoint is on this machine (localhost, 127.0.0.0/8, ::1): the one place a keyless server is
+        expected. Anywhere else an unset key is far more likely a forgotten export than a server without auth."""
+        host = (urllib.parse.urlsplit(self.base_url).hostname or "").rstrip(".").lower()
+        if host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host).is_loopback
+        except ValueError:  # a host name other than localhost
+            return False
+
+    def probe(self) -> None:
+        """One cheap request (GET {base_url}/models, with the key's header) before any work is done, so that a
+        judge that cannot be reached or refuses the key fails the job at once rather than after every answer has
+        been generated. Raises JudgeError naming the URL (never the key) when the endpoint cannot be reached or
+        answers 401/403; any other reply (a server without /models, say) shows it is there, and only a warning is
+        logged. Not retried: the job has not started, so rerunning it costs nothing."""
+        url = self.base_url.rstrip("/") + "/models"
+        request = urllib.request.Request(url, headers=self._headers(), method="GET")
+        try:
+            with urllib.request.urlopen(request, timeout=min(self.timeout_s, PROBE_TIMEOUT_S)):
+                return
+        except urllib.error.HTTPError as err:  # raised `from None`, as in `complete`: the message says it all
+            detail = self._redact(err.read().decode("utf-8", "replace")[:_BODY_SNIPPET])
+            if err.code in (401, 403):
+                raise JudgeError(
+                    f"judge at {url} refused the request (HTTP {err.code}: {detail}); check the key in "
+                    f"${self.api_key_env}"
+                ) from None
+            log.warning("judge probe %s answered HTTP %d (%s); going on, as the server is there", url, err.code,
+                        detail)  # fmt: skip
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+            reason = self._redact(str(getattr(err, "reason", err)))
+            raise JudgeError(
+                f"judge at {url} cannot be reached ({type(err).__name__}: {reason}); is the server up, and can "
+                "this machine reach it (a compute node may have no network)?"
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         """What metrics.json records about the judge: everything needed to repeat the run, except the key."""

@@ -24,7 +24,7 @@ from asft.evaluation.backends import Backend, SamplingParams, make_backend
 from asft.evaluation.benchmarks import BenchmarkFormatError, Example, load_normalized
 from asft.evaluation.code_grading import CODE_STOP, CodeTests, code_instruction, grade_code
 from asft.evaluation.grading import MathGrader, grade_choice, pick_choice
-from asft.evaluation.judge import JudgeEndpoint, Verdict, judge_pairs, win_rate
+from asft.evaluation.judge import JudgeEndpoint, JudgeError, Verdict, judge_pairs, win_rate
 from asft.evaluation.metrics import summarize
 from asft.evaluation.sandbox import SandboxLimits
 from asft.layout import METRICS, SAMPLES
@@ -33,7 +33,8 @@ from asft.run_io import atomic_file, write_text_atomic
 log = logging.getLogger(__name__)
 
 PARTIAL = "samples.partial.jsonl"
-PARTIAL_KEY = "samples.partial.key.json"  # what the work file was generated with
+PARTIAL_KEY = "samples.partial.key.json"  # what the work files were generated with
+ANSWERS = "answers.partial.jsonl"  # a judged benchmark's answers, kept before they are judged
 # transformers' `model_max_length` when a tokenizer does not know its model's (int(1e30)): no limit at all.
 _UNKNOWN_LENGTH = 10**12
 
@@ -294,25 +295,32 @@ def _run_judged(
     backend: Backend,
     spec: dict,
     partial: Path,
-    done: set,
+    _done: set,  # unused: the verdict records themselves are needed, so they are read here; kept for a uniform call
 ) -> None:
     """Answer every instruction, then have the judge compare each answer with the benchmark's reference answer.
 
-    An answer reaches the work file with its verdict: a resumed job keeps the judged ones (the key check in
-    `evaluate` has made sure they belong to this spec and model) and answers the rest again; positions are assigned
-    over the whole list, so it is judged whole.
+    Each batch's answers are appended to their own work file (ANSWERS) before anything is judged, and each verdict,
+    with the answer it judged, to the samples work file. A resumed job (the key check in `evaluate` has made sure
+    both files belong to this spec and model) generates only the answers found in neither and asks the judge only
+    for the missing verdicts; positions are assigned over the whole list, so it is judged whole.
     """
     params = SamplingParams.from_spec(spec["sampling"], stop_words(spec["template"]))
+    answers_path = partial.with_name(ANSWERS)
     earlier = {r["id"]: r for r in read_done(partial)}
-    todo = [i for i, ex in enumerate(examples) if ex.id not in earlier]
-    answers = {ex.id: earlier[ex.id]["completion"] for ex in examples if ex.id in earlier}
+    answers = {r["id"]: r["completion"] for r in read_done(answers_path)}
+    answers |= {item_id: r["completion"] for item_id, r in earlier.items()}  # the answer each verdict judged
+    todo = [i for i, ex in enumerate(examples) if ex.id not in answers]
+    if len(todo) < len(examples):
+        log.info("resuming: %d of %d answers already generated", len(examples) - len(todo), len(examples))
     batch_size = spec["batch_size"]
     special = adds_special_tokens(spec["template"])
     for start in tqdm(range(0, len(todo), batch_size), desc=f"answer {spec['benchmark']}", disable=not todo):
         indices = todo[start : start + batch_size]
         completions = backend.generate([prompts[i] for i in indices], params, add_special_tokens=special)
-        for i, samples in zip(indices, completions, strict=True):
-            answers[examples[i].id] = samples[0]
+        fresh = [{"id": examples[i].id, "sample": 0, "completion": samples[0]}
+                 for i, samples in zip(indices, completions, strict=True)]  # fmt: skip
+        _append(answers_path, fresh)
+        answers.update((r["id"], r["completion"]) for r in fresh)
     by_id = {ex.id: ex for ex in examples}
 
     def record(verdict: Verdict) -> None:
@@ -369,14 +377,33 @@ def _count_methods(records: Sequence[dict]) -> dict[str, int]:
     return counts
 
 
-def _discard_if_stale(partial: Path, key: dict) -> None:
-    """Resume only generations made with the same spec and model; an edited config starts afresh."""
+def _discard_if_stale(partial: Path, key: dict, *others: Path) -> None:
+    """Resume only generations made with the same spec and model; an edited config starts afresh. `others` are
+    further work files written under the same key (a judged benchmark's answers), discarded with `partial`."""
     key_path = partial.with_name(PARTIAL_KEY)
     wanted = json.dumps(key, sort_keys=True)
-    if partial.exists() and (not key_path.exists() or key_path.read_text() != wanted):
-        log.info("discarding %s: generated with other settings", partial)
-        partial.unlink()
+    if not key_path.exists() or key_path.read_text() != wanted:
+        for path in (partial, *others):
+            if path.exists():
+                log.info("discarding %s: generated with other settings", path)
+                path.unlink()
     key_path.write_text(wanted)
+
+
+def _preflight_judge(spec: dict) -> None:
+    """Before the model loads: a judge that cannot be used would otherwise fail the job only after every answer has
+    been generated. An endpoint off this machine needs its key; then one cheap request must reach it and be let in.
+    Names the key's variable, never its value."""
+    if not spec.get("judge"):
+        raise JudgeError(f"benchmark {spec['benchmark']!r} is judged: evaluation.judge must name the judge endpoint")
+    judge = JudgeEndpoint.from_config(spec["judge"])
+    if not judge.has_key() and not judge.is_local():
+        raise JudgeError(
+            f"the judge at {judge.base_url} is not on this machine, but ${judge.api_key_env} (named by "
+            f"evaluation.judge.api_key_env) is unset or empty: export the endpoint's key in it (any value for a "
+            "server that needs none), or name the variable that holds it in evaluation.judge.api_key_env"
+        )
+    judge.probe()
 
 
 def evaluate(
@@ -395,6 +422,9 @@ def evaluate(
     examples = load_normalized(benchmark_path)  # a malformed benchmark fails before the model loads
     if spec.get("max_problems"):
         examples = examples[: spec["max_problems"]]
+    kind = examples[0].kind  # load_normalized refuses a file without problems
+    if kind == "judge":
+        _preflight_judge(spec)  # before the model loads: an unusable judge fails the job at once
     started = time.perf_counter()
     options = {
         "dtype": spec["dtype"],
@@ -404,7 +434,6 @@ def evaluate(
     }
     backend = make_backend(spec["backend"], model_dir, **options)
     prompts = [build_prompt(ex, spec["template"], backend.tokenizer) for ex in examples]
-    kind = examples[0].kind  # load_normalized refuses a file without problems
     # A multiple-choice problem is scored from the next token's log-probabilities: one position past the prompt.
     new_tokens = SamplingParams.from_spec(spec["sampling"]).max_new_tokens if kind != "choice" else 1
     special = adds_special_tokens(spec["template"])
@@ -412,9 +441,8 @@ def evaluate(
 
     partial = out_dir / PARTIAL
     adapter = None if adapter_dir is None else str(adapter_dir)
-    _discard_if_stale(
-        partial, {"spec": spec, "model": str(model_dir), "adapter": adapter, "benchmark": str(benchmark_path)}
-    )
+    key = {"spec": spec, "model": str(model_dir), "adapter": adapter, "benchmark": str(benchmark_path)}
+    _discard_if_stale(partial, key, out_dir / ANSWERS)
     done = {(r["id"], r["sample"]) for r in read_done(partial)}
     if done:
         log.info("resuming: %d samples already generated", len(done))
@@ -461,5 +489,6 @@ def evaluate(
         handle.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     write_text_atomic(out_dir / METRICS, json.dumps(metrics, indent=2, sort_keys=True))
     partial.unlink()
+    (out_dir / ANSWERS).unlink(missing_ok=True)
     partial.with_name(PARTIAL_KEY).unlink(missing_ok=True)
     return metrics

@@ -17,6 +17,10 @@ afterwards, with a minimal environment (no tokens or secrets of the caller). Bef
 
 The parent enforces a wall-clock limit and then kills the whole process group; stdout and stderr go to unlinked
 files, of which only a bounded head is read back. Which layers were armed is reported with every result.
+
+Not confined: the file system. Without `uid` (an ordinary user, or an interpreter `nobody` cannot read) a program
+may write wherever the evaluating user may, bounded only by the file-size limit; run evaluations under an account
+that owns nothing else worth keeping.
 """
 
 from __future__ import annotations

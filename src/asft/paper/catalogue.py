@@ -279,8 +279,9 @@ TABLE2 = TableSpec(
     "the base model with the answer letter as reward (GRPO, DAPO), and DAPO continued from the SFT and ASFT models",
     decoding="medical scored by the answer letter",
     differences=(
-        "the paper gives no RL hyper-parameters: ours are in config/paper.yaml (experiments.table2_rl); DAPO's "
-        "dynamic sampling is not in TRL's GRPOTrainer, so our DAPO keeps groups whose rewards are all equal",
+        "the paper gives no RL hyper-parameters: ours are in config/paper.yaml (experiments.table2_rl: 8 "
+        "completions per prompt, 512 per step, 4 optimizer steps per rollout batch, lr 1e-6); DAPO's dynamic "
+        "sampling is not in TRL's GRPOTrainer, so our DAPO keeps groups whose rewards are all equal",
     ),
 )
 
@@ -339,7 +340,11 @@ ALPACA_EVAL = TableSpec(
     "each answer judged against AlpacaEval's reference answer by an LLM judge (evaluation.judge), win rate with "
     "a bootstrap CI over instructions (ties count one half)",
     decoding="greedy answers; the judge at temperature 0, each pair shown in a random (seeded) order",
-    differences=("not in the paper: the upstream repository's evaluation, no published numbers",),
+    differences=(
+        "not in the paper: the upstream repository's evaluation, no published numbers",
+        "the reference answers are AlpacaEval's alpaca_eval.json (AlpacaEval 1's, text-davinci-003) and the judge "
+        "is ours (evaluation.judge) with our prompt: neither AlpacaEval 1's nor 2's exact protocol",
+    ),
     in_paper=False,
 )
 
