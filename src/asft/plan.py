@@ -152,6 +152,17 @@ def train_shape(config: Mapping[str, Any], run: Run) -> TrainShape:
     return TrainShape(gpus, global_batch, steps, tokens)
 
 
+def _cost_inputs(config: Mapping[str, Any], run: Run, shape: TrainShape) -> tuple[float | None, tuple[str, ...]]:
+    """N (parameters) if every estimate a run's cost needs is in the config, else the config keys that are missing."""
+    params_b = config["models"][run.model].get("parameters_b")
+    missing = [f"models.{run.model}.parameters_b"] if params_b is None else []
+    if shape.steps is None:
+        missing.append(f"datasets.{run.dataset}.examples")
+    if shape.tokens_per_example is None:
+        missing.append(f"datasets.{run.dataset}.mean_tokens")
+    return (None, tuple(missing)) if missing else (params_b * 1e9, ())
+
+
 def rl_train_flops(config: Mapping[str, Any], run: Run, throughput: Throughput) -> tuple[float | None, tuple[str, ...]]:
     """An RL run per step: its global batch of completions generated (2·N per token of prompt and completion,
     decoding, counted at the evaluation throughput and converted to train-throughput FLOPs), then a policy update
@@ -159,16 +170,10 @@ def rl_train_flops(config: Mapping[str, Any], run: Run, throughput: Throughput) 
     to average half of max_completion_length and a prompt half the dataset's mean_tokens."""
     shape = train_shape(config, run)
     training = run_training(config, run)
-    params_b = config["models"][run.model].get("parameters_b")
-    missing = [f"models.{run.model}.parameters_b"] if params_b is None else []
-    if shape.steps is None:
-        missing.append(f"datasets.{run.dataset}.examples")
-    if shape.tokens_per_example is None:
-        missing.append(f"datasets.{run.dataset}.mean_tokens")
-    if missing:
-        return None, tuple(missing)
-    assert shape.steps is not None and shape.tokens_per_example is not None and params_b is not None
-    n = params_b * 1e9
+    n, missing = _cost_inputs(config, run, shape)
+    if n is None:
+        return None, missing
+    assert shape.steps is not None and shape.tokens_per_example is not None
     tokens = (
         shape.global_batch * shape.steps * (shape.tokens_per_example / 2 + training["rl"]["max_completion_length"] / 2)
     )
@@ -184,18 +189,10 @@ def train_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, tupl
     """6·N·T (LoRA 4·N·T) for the policy plus 2·N·T for each reference forward; (None, missing keys) if unknown."""
     shape = train_shape(config, run)
     training = run_training(config, run)
-    params_b = config["models"][run.model].get("parameters_b")
-    missing = []
-    if params_b is None:
-        missing.append(f"models.{run.model}.parameters_b")
-    if shape.steps is None:
-        missing.append(f"datasets.{run.dataset}.examples")
-    if shape.tokens_per_example is None:
-        missing.append(f"datasets.{run.dataset}.mean_tokens")
-    if missing:
-        return None, tuple(missing)
-    assert shape.steps is not None and shape.tokens_per_example is not None and params_b is not None
-    n = params_b * 1e9
+    n, missing = _cost_inputs(config, run, shape)
+    if n is None:
+        return None, missing
+    assert shape.steps is not None and shape.tokens_per_example is not None
     per_step = shape.global_batch * shape.tokens_per_example
     # LoRA: no weight gradients for the frozen weights, only the gradients flowing through them
     policy = (4.0 if training["finetune"] == "lora" else 6.0) * n * per_step * shape.steps
