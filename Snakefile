@@ -26,6 +26,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/trace.smk"
 include: "workflow/rules/paper.smk"
 
 

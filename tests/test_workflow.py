@@ -124,6 +124,18 @@ def test_end_to_end_results_table(finished_workflow: tuple[Path, dict]) -> None:
     assert list((workdir / "logs").rglob("train/*/*/*/seed0.log"))
 
 
+def test_the_trace_of_the_anchored_run(finished_workflow: tuple[Path, dict]) -> None:
+    """The demo traces its ASFT run: the trace, its analysis, viewer and the comparison across traces."""
+    workdir, _ = finished_workflow
+    trace = workdir / "results/demo/traces/tiny/arith/asft-kl0.05/seed0"
+    meta = json.loads((trace / "trace" / "trace.json").read_text())
+    assert meta["traced_tokens"] == 64 and meta["adapter"].endswith("asft-kl0.05/seed0/train")
+    analysis = json.loads((trace / "analysis.json").read_text())
+    assert 0 < analysis["gini"] < 1 and analysis["tokens"]["traced"] == 64
+    assert "trace-data" in (trace / "viewer.html").read_text()
+    assert "asft-kl0.05" in (workdir / "results/traces/comparison.md").read_text()
+
+
 def test_nothing_to_do_after_a_run(finished_workflow: tuple[Path, dict]) -> None:
     workdir, _ = finished_workflow
     assert planned_jobs(snakemake(workdir, "-n")) == {}

@@ -138,6 +138,26 @@ def _cmd_reference(args: argparse.Namespace) -> None:
     print(json.dumps(summary, indent=2))
 
 
+def _cmd_trace(args: argparse.Namespace) -> None:
+    from asft.tracing.stage import trace
+
+    meta = trace(args.model, args.data, args.spec, args.out, adapter_dir=args.adapter, reference_dir=args.reference)
+    print(json.dumps({k: meta[k] for k in ("traced_tokens", "target_tokens", "tokens_per_second", "peak_memory_gb")}))
+
+
+def _cmd_trace_analysis(args: argparse.Namespace) -> None:
+    from asft.tracing.analysis import analyse_trace
+
+    result = analyse_trace(args.trace, args.out)
+    print(json.dumps({k: result[k] for k in ("gini", "tokens_for_80pct", "opposing_fraction")}))
+
+
+def _cmd_trace_compare(args: argparse.Namespace) -> None:
+    from asft.tracing.compare import write_comparison
+
+    write_comparison(args.analyses, args.out)
+
+
 def _cmd_merge(args: argparse.Namespace) -> None:
     from asft.merge import merge_lora
 
@@ -257,6 +277,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", required=True, help="the benchmark to compare accuracy on")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=_cmd_reference_check)
+
+    p = sub.add_parser("trace", help="per-token gradients of sampled training batches (asft.tracing)")
+    p.add_argument("--model", type=Path, required=True, help="the model (a LoRA run's base, or full weights)")
+    p.add_argument("--adapter", type=Path, help="a LoRA run's adapter (its training output)")
+    p.add_argument("--reference", type=Path, help="the reference model for p_ref when there is no adapter to disable")
+    p.add_argument("--data", type=Path, required=True, help="instruction/response JSONL, as given to `asft train`")
+    p.add_argument("--spec", type=_json_arg, required=True, help="JSON trace spec (inline or @file)")
+    p.add_argument("--out", type=Path, required=True, help="the trace folder (written whole or not at all)")
+    p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("trace-analysis", help="metrics, summary, plot and HTML viewer of one trace")
+    p.add_argument("--trace", type=Path, required=True, help="a folder `asft trace` wrote")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_trace_analysis)
+
+    p = sub.add_parser("trace-compare", help="several traces' analyses side by side, with the published findings")
+    p.add_argument("--analyses", type=Path, nargs="+", required=True, help="analysis.json files")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=_cmd_trace_compare)
 
     p = sub.add_parser("merge", help="merge a LoRA adapter into its base model")
     p.add_argument("--base", type=Path, required=True)

@@ -26,6 +26,7 @@ from asft.matrix import (
     sweep_points,
 )
 from asft.rl_objectives import objective_options
+from asft.tracing.spec import trace_problems
 
 
 def non_finite(value: Any, path: tuple = ()) -> Iterator[tuple[list, float]]:
@@ -85,6 +86,7 @@ def check_references(config: dict, source: str) -> None:
             problems += _rl_problems(config, exp_name)
             problems += _run_id_problems(config, exp_name)
             problems += _sampling_problems(config, exp_name)
+            problems += trace_problems(config, exp_name)
     problems += _local_path_problems(config)
     problems += _mode_key_problems(config)
     problems = list(dict.fromkeys(problems))  # a benchmark's own setting is reported once, not per experiment

@@ -110,6 +110,20 @@ def base_eval_dir(experiment: str, model: str, benchmark: str) -> str:
     return f"{RESULTS}/{experiment}/base/{model}/eval/{benchmark}"
 
 
+TRACE = "trace"  # a trace's folder (asft.tracing.stage), inside its trace directory beside the analysis files
+TRACE_ANALYSIS = "analysis.json"
+TRACE_SUMMARY = "summary.md"
+TRACE_PLOT = "analysis.png"
+TRACE_VIEWER = "viewer.html"
+TRACES_COMPARISON = f"{RESULTS}/traces"
+
+
+def trace_dir(experiment: str, model: str, dataset: str, mode_label: str | None = None, seed: int | str = 0) -> str:
+    """A run's per-token gradient trace and its analysis; mode_label None: the untuned model's."""
+    stem = f"{RESULTS}/{experiment}/traces/{model}/{dataset}"
+    return f"{stem}/base" if mode_label is None else f"{stem}/{mode_label}/seed{seed}"
+
+
 def tables_dir(experiment: str) -> str:
     return f"{RESULTS}/{experiment}/tables"
 
@@ -181,6 +195,8 @@ REFERENCE_WILDCARDS = reference_dir("{model}", "{dataset}", "{reference_key}")
 EVAL_WILDCARDS = eval_dir("{experiment}", RUN_ID_WILDCARDS, "{benchmark}")
 SNAPSHOT_EVAL_WILDCARDS = snapshot_eval_dir("{experiment}", RUN_ID_WILDCARDS, "{step}", "{benchmark}")
 BASE_EVAL_WILDCARDS = base_eval_dir("{experiment}", "{model}", "{benchmark}")
+TRACE_RUN_WILDCARDS = trace_dir("{experiment}", "{model}", "{dataset}", "{mode_label}", "{seed}")
+TRACE_BASE_WILDCARDS = trace_dir("{experiment}", "{model}", "{dataset}")
 TABLES_WILDCARDS = tables_dir("{experiment}")
 PLOTS_WILDCARDS = plots_dir("{experiment}")
 

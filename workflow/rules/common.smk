@@ -36,7 +36,9 @@ from asft.matrix import (
     reference_spec,
     without_planning,
 )
+from asft.job_resources import trace_request
 from asft.slurm_limits import JobAsk, check_requests, read_sinfo
+from asft.tracing.spec import TraceTarget, trace_spec, trace_targets
 from asft.records import metrics_path
 from asft.source_lock import lock_for, read_lock
 from asft.sharing import SharedWork, table_identity
@@ -89,6 +91,7 @@ wildcard_constraints:
     seed=r"\d+",
     step=r"\d+",
     reference_key=r"[0-9a-f]{12}",
+    trace_path=r"[^/]+/traces/.+",
 
 
 # --- the matrix ---------------------------------------------------------------------------------------------------
@@ -401,6 +404,97 @@ def plot_dir(wildcards, output) -> str:
     return str(Path(output.plot).parent)
 
 
+# --- per-token gradient traces (asft.tracing) ----------------------------------------------------------------------
+
+TRACES = list(trace_targets(config))
+
+
+def trace_target_of(wildcards) -> TraceTarget:
+    run = run_of(wildcards)
+    return TraceTarget(run.experiment, run.model, run.dataset, run)
+
+
+def trace_model(wildcards) -> str:
+    """A LoRA run's starting weights (its adapter goes on them), or a full fine-tune's own output."""
+    run = run_of(wildcards)
+    if is_lora(run.experiment):
+        return SHARED.start_weights(run)
+    return SHARED.train_dir(run)
+
+
+def trace_trained(wildcards) -> str:
+    return SHARED.train_dir(run_of(wildcards))
+
+
+def trace_adapter_option(wildcards, input) -> str:
+    return f"--adapter {input.trained}" if is_lora(wildcards.experiment) else ""
+
+
+def trace_reference_option(wildcards) -> str:
+    """A full fine-tune's p_ref comes from its starting weights (a LoRA run disables its adapter instead)."""
+    run = run_of(wildcards)
+    return "" if is_lora(run.experiment) else f"--reference {SHARED.start_weights(run)}"
+
+
+def trace_run_params(wildcards) -> str:
+    return canonical_json(trace_spec(config, trace_target_of(wildcards)))
+
+
+def trace_base_params(wildcards) -> str:
+    target = TraceTarget(wildcards.experiment, wildcards.model, wildcards.dataset)
+    return canonical_json(trace_spec(config, target))
+
+
+@cache
+def trace_resources(experiment: str, model: str, dataset: str) -> dict:
+    return trace_request(config, experiment, model, dataset, JOB_THREADS).resources()
+
+
+def trace_resource(name: str):
+    def resource(wildcards):
+        return trace_resources(
+            wildcards.experiment, wildcards.model, wildcards.dataset
+        )[name]
+
+    return resource
+
+
+def trace_directory(target: TraceTarget) -> str:
+    if target.run is None:
+        return layout.trace_dir(target.experiment, target.model, target.dataset)
+    run = target.run
+    return layout.trace_dir(
+        run.experiment, run.model, run.dataset, run.mode_label, run.seed
+    )
+
+
+def trace_analyses() -> list[str]:
+    return [f"{trace_directory(t)}/{layout.TRACE_ANALYSIS}" for t in TRACES]
+
+
+def trace_outputs() -> list[str]:
+    """Every trace's analysis files and, if there are traces, their comparison."""
+    files = [
+        f"{trace_directory(t)}/{name}"
+        for t in TRACES
+        for name in (
+            layout.TRACE_ANALYSIS,
+            layout.TRACE_SUMMARY,
+            layout.TRACE_PLOT,
+            layout.TRACE_VIEWER,
+        )
+    ]
+    return files + ([f"{layout.TRACES_COMPARISON}/comparison.md"] if TRACES else [])
+
+
+def trace_analysis_dir(wildcards, output) -> str:
+    return str(Path(output.analysis).parent)
+
+
+def trace_compare_dir(wildcards, output) -> str:
+    return str(Path(output.md).parent)
+
+
 # --- aggregate and `rule all` ---------------------------------------------------------------------------------------
 
 
@@ -521,4 +615,5 @@ def all_targets() -> list[str]:
             for path in experiment_outputs(experiment)
         ]
         + paper_outputs(PAPER_TABLES + PAPER_FIGURES)
+        + trace_outputs()
     )
