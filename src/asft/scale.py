@@ -134,6 +134,8 @@ def apply_scale(config: Mapping[str, Any]) -> dict[str, Any]:
         rl = any(scaled["modes"][mode].get("objective", "sft") != "sft" for mode in exp["modes"])
         exp["training"] = _smoke_training(exp["training"], rl)
         exp["evaluation"] = _smoke_evaluation(exp["evaluation"])
+        if "trace" in exp:  # the same trace, a few tokens of one batch
+            exp["trace"] = {**exp["trace"], "batches": 1, "tokens_per_batch": 8, "dim": 64}
         # the merge stage is exercised by the demo's workflow tests; here it would only add jobs
         exp["evaluation"]["lora_direct"] = exp["training"]["finetune"] == "lora"
     return scaled
