@@ -31,7 +31,9 @@ def build_model(shape: str, model_path: str | None, attention: str, dtype: str):
 
     torch.manual_seed(0)
     if model_path:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), attn_implementation=attention)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=getattr(torch, dtype), attn_implementation=attention
+        )
     else:
         config = Qwen2Config(vocab_size=4096, num_key_value_heads=1, head_dim=32, **SHAPES[shape])
         config._attn_implementation = attention
