@@ -332,3 +332,26 @@ def test_comparison_sets_published_figures_beside_the_fork_models(tmp_path: Path
     markdown = (tmp_path / "out" / "comparison.md").read_text()
     assert "| Gini of magnitudes |" in markdown and "0.515" in markdown
     assert (tmp_path / "out" / "comparison.png").stat().st_size > 5_000
+
+
+def test_a_full_fine_tune_is_traced_on_a_regex_with_its_starting_weights_as_reference(
+    small_demo: Path, config: dict, tmp_path: Path
+) -> None:
+    """No adapter: the selected weights themselves are traced and p_ref comes from `--reference` (here the same
+    weights, so p_ref = p_θ and ref_ratio weighs every token 1)."""
+    from asft.tracing.stage import load_trace, trace
+
+    config["experiments"]["demo"]["training"]["finetune"] = "full"
+    validated = validate_config(
+        trace_config(config, batches=1, batch_size=2, tokens_per_batch=4, dim=16, parameters=r"layers\.1\.mlp\.")
+    )
+    target = [t for t in trace_targets(validated) if t.run is not None][0]
+    spec = json.loads(json.dumps(trace_spec(validated, target)))
+    assert "lora" not in spec["training"]
+    model = small_demo / "model"
+    meta = trace(model, small_demo / "data" / "train.jsonl", spec, tmp_path / "t", reference_dir=model)
+    arrays, _ = load_trace(tmp_path / "t")
+    assert meta["parameters"]["tensors"] == 3 and meta["reference"] == str(model)
+    np.testing.assert_allclose(arrays["ref_p"], np.exp(-arrays["ce"]), rtol=1e-5)
+    np.testing.assert_allclose(arrays["weight_ref_ratio"], 1.0, atol=1e-5)
+    assert np.isfinite(arrays["alignment"]).all() and (arrays["norm"] > 0).all()

@@ -175,7 +175,7 @@ def token_gradients(
     primals = {name: p.detach() for name, p in params.items()}
     ce, vjp_fn = torch.func.vjp(token_losses, primals)
     n = ce.numel()
-    (batch_grad,) = vjp_fn(torch.ones_like(ce))
+    batch_grad = {name: g.detach() for name, g in vjp_fn(torch.ones_like(ce))[0].items()}
     batch_flat = _flat({k: v.unsqueeze(0) for k, v in batch_grad.items()}, 1)[0].double()
     batch_norm = float(batch_flat.norm())
     projected_batch = projection({k: v.unsqueeze(0) for k, v in batch_grad.items()})[0]
@@ -185,6 +185,7 @@ def token_gradients(
         cotangents = torch.zeros(rows.numel(), n, dtype=ce.dtype, device=ce.device)
         cotangents[torch.arange(rows.numel(), device=ce.device), rows] = 1
         (grads,) = torch.func.vmap(vjp_fn)(cotangents)
+        grads = {name: g.detach() for name, g in grads.items()}
         flat = _flat(grads, rows.numel()).double()
         norms.append(flat.norm(dim=1))
         dots.append(flat @ batch_flat)

@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 
 
 def _load_subject(model_dir: Path, adapter_dir: Path | None, spec: dict, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(tokenizer, model) with the traced parameters trainable: the run's adapter, or a fresh one for `lora`."""
+    """(tokenizer, model): with the run's adapter, or a fresh one when the trace's parameters are `lora`."""
     from asft.training import _load, _lora_config
 
     settings = spec["training"]
@@ -46,8 +46,9 @@ def _load_subject(model_dir: Path, adapter_dir: Path | None, spec: dict, dtype: 
 
         torch.manual_seed(spec["trace"]["seed"])  # the fresh adapter's A
         model = get_peft_model(model, _lora_config(settings))
-    else:
-        model.requires_grad_(True)
+    # torch.func differentiates the substituted copies of the traced parameters (`token_gradients`): the module's
+    # own parameters need no autograd graph, and one that required grad would tie every output to it.
+    model.requires_grad_(False)
     model.eval()  # no dropout: a token's gradient is a function of the weights, not of a dropout draw
     return tokenizer, model
 
