@@ -222,22 +222,18 @@ def evaluate_request(config: Mapping[str, Any], experiment: str, model: str, ben
 
 
 def trace_request(config: Mapping[str, Any], experiment: str, model: str, dataset: str, threads: int) -> Request:
-    """A per-token gradient trace (`asft trace`, asft.tracing): one GPU holding the model in the trace's dtype and
-    one backward pass over a batch per traced token (about 4·N FLOPs per batch token, N the parameter count)."""
-    from asft.plan import Throughput
+    """A per-token gradient trace (`asft trace`, asft.tracing): one GPU holding the model in the trace's dtype,
+    running one backward pass over its batch per traced token (`asft.plan.trace_flops`)."""
+    from asft.plan import Throughput, trace_flops
+    from asft.tracing.spec import TraceTarget
 
     exp = config["experiments"][experiment]
     if device_of(config, experiment, model) == "cpu":
         return Request(0, 1, threads, BASE_CPU_JOB_MB, CPU_JOB_RUNTIME)
     size = parameters_b(config, model)
-    options = exp["trace"]
-    bytes_per_param = 8 if options["dtype"] == "float64" else BYTES_PER_PARAM[options["dtype"]]
+    dtype = exp["trace"]["dtype"]
+    bytes_per_param = 8 if dtype == "float64" else BYTES_PER_PARAM[dtype]
     mem_mb = UNKNOWN_GPU_HOST_MB if size is None else math.ceil((BASE_HOST_GB + 1.5 * size * bytes_per_param) * 1000)
-    mean_tokens = config["datasets"][dataset].get("mean_tokens")
-    hours = None
-    if size is not None and mean_tokens is not None and options["tokens_per_batch"] is not None:
-        batch_size = options["batch_size"] or exp["training"]["per_device_train_batch_size"]
-        batch_tokens = batch_size * min(mean_tokens, exp["training"]["max_length"])
-        flops = options["batches"] * options["tokens_per_batch"] * 4 * size * 1e9 * batch_tokens
-        hours = Throughput().gpu_hours("train", flops)
+    flops, _ = trace_flops(config, TraceTarget(experiment, model, dataset))
+    hours = None if flops is None else Throughput().gpu_hours("train", flops)
     return Request(1, 1, exp["resources"]["cpus_per_gpu"], mem_mb, _runtime(hours, 1, UNKNOWN_EVAL_RUNTIME))

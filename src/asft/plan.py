@@ -29,6 +29,7 @@ from asft.matrix import (
     run_training,
 )
 from asft.sharing import Evaluation, SharedWork
+from asft.tracing.spec import TraceTarget, trace_targets
 
 # H100 SXM bf16 dense peak is 989 TFLOP/s. Full fine-tuning under ZeRO-3 with short, padded sequences and
 # recomputed activations reaches roughly 30% of it in model FLOPs; batched decoding is memory-bound and far lower.
@@ -69,7 +70,7 @@ class Throughput:
 class Job:
     """One job of the workflow, once: `owner` is the experiment whose output every sharer reads."""
 
-    kind: str  # train | reference | merge | evaluate
+    kind: str  # train | reference | merge | evaluate | trace
     key: str
     owner: str
     flops: float | None  # None: an input is missing (merges are CPU work and carry 0)
@@ -103,6 +104,7 @@ class PlanRow:
     name: str
     train_jobs: int = 0
     reference_jobs: int = 0  # reference caches (training.reference: cached); their hours are in train_gpu_hours
+    trace_jobs: int = 0  # per-token gradient traces (experiments.<e>.trace); their hours are in train_gpu_hours
     merge_jobs: int = 0
     eval_jobs: int = 0
     reused_runs: int = 0
@@ -225,6 +227,25 @@ def reference_flops(config: Mapping[str, Any], run: Run) -> tuple[float | None, 
     return 2.0 * params_b * 1e9 * examples * shape.tokens_per_example, ()
 
 
+def trace_flops(config: Mapping[str, Any], target: TraceTarget) -> tuple[float | None, tuple[str, ...]]:
+    """A per-token gradient trace: one backward pass over its batch per traced token, 4·N per batch token (the
+    vjp reaches the input of the first traced layer); every target traced when tokens_per_batch is null, counted
+    as the batch's tokens (an upper bound)."""
+    exp = config["experiments"][target.experiment]
+    options, training = exp["trace"], exp["training"]
+    params_b = config["models"][target.model].get("parameters_b")
+    mean_tokens = config["datasets"][target.dataset].get("mean_tokens")
+    missing = [f"models.{target.model}.parameters_b"] if params_b is None else []
+    missing += [f"datasets.{target.dataset}.mean_tokens"] if mean_tokens is None else []
+    if missing:
+        return None, tuple(missing)
+    batch_tokens = (options["batch_size"] or training["per_device_train_batch_size"]) * min(
+        mean_tokens, training["max_length"]
+    )
+    traced = options["tokens_per_batch"] or batch_tokens
+    return options["batches"] * traced * 4.0 * params_b * 1e9 * batch_tokens, ()
+
+
 def eval_flops(config: Mapping[str, Any], evaluation: Evaluation) -> tuple[float | None, tuple[str, ...]]:
     """2·N·problems·n·(prompt + max_new_tokens/2); multiple choice one prompt forward; (None, missing) if unknown."""
     model = evaluation.identity["model"]
@@ -293,6 +314,17 @@ def build_plan(config: Mapping[str, Any], throughput: Throughput | None = None) 
             ident = evaluation.identity
             attrs = {} if ident.get("mode") == "base" else {k: ident[k] for k in ("dataset", "model", "mode")}
             needs[exp_name].append(Need(key, attrs))
+        for target in trace_targets(config, exp_name):
+            key = f"trace:{target.experiment}/{target.model}/{target.dataset}/{target.label}"
+            key += f"/seed{target.run.seed}" if target.run else ""
+            flops, missing = (None, ()) if smoke else trace_flops(config, target)
+            jobs[key] = Job("trace", key, exp_name, flops, 1, missing)
+            attrs = {
+                "dataset": target.dataset,
+                "model": target.model,
+                "mode": target.run.mode if target.run else "base",
+            }
+            needs[exp_name].append(Need(key, attrs))
     return Plan(jobs, needs, throughput or Throughput(), smoke, notes)
 
 
@@ -303,8 +335,9 @@ def _row(name: str, plan: Plan, keys: Iterable[str], reused: Iterable[str] = ())
     gpus: list[int] = []
     for key in dict.fromkeys(keys):
         job = plan.jobs[key]
-        if job.kind == "reference":  # a forward pass over the training data: counted with training's hours
-            row.reference_jobs += 1
+        if job.kind in ("reference", "trace"):  # forward/backward passes: counted with training's hours
+            row.reference_jobs += job.kind == "reference"
+            row.trace_jobs += job.kind == "trace"
             if job.flops is not None:
                 hours["train"] += plan.throughput.gpu_hours("train", job.flops)
             continue
@@ -490,6 +523,11 @@ def format_text(plan: Plan, rows: Sequence[PlanRow], by: str = "experiment") -> 
         lines.append(f"\nall {total.train_jobs + total.eval_jobs} GPU jobs estimated.")
     if total.reference_jobs:
         lines.append(f"references: {total.reference_jobs} reference-cache jobs (training.reference: cached)")
+    if total.trace_jobs:
+        lines.append(
+            f"traces: {total.trace_jobs} per-token gradient trace jobs (experiments.<e>.trace), in train GPU-h: "
+            "one backward pass over its batch per traced token, 4*N per batch token"
+        )
     if by == "table":
         lines.append(
             "targets overlap (shared runs appear under each target that needs them); the total counts each job once."
