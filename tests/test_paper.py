@@ -424,6 +424,26 @@ def test_missing_results_render_as_dashes(frames, tmp_path: Path) -> None:
         assert cells["missing"].all()
 
 
+def test_tables_list_the_software_versions_under_them(frames, tmp_path: Path) -> None:
+    """Every table's Markdown ends with the versions its runs used (asft.stack_versions), distinct sets apart."""
+    evals, trains, _ = frames
+    old = {"torch": "2.13.0", "transformers": "5.19.0", "vllm": "0.32.0"}
+    new = {"torch": "2.13.0", "transformers": "5.24.0", "trl": "1.16.0", "peft": "0.21.2", "deepspeed": "0.19.8"}
+    evals, trains = evals.copy(), trains.copy()
+    evals["stack"] = [old if i % 2 else new for i in range(len(evals))]
+    trains["stack"] = [new] * len(trains)
+    md = write_table("table1", evals, trains, tmp_path)["md"].read_text().rstrip().splitlines()
+    last_row = max(i for i, line in enumerate(md) if line.startswith("| "))
+    tail = [line for line in md[last_row + 1 :] if line]
+    assert len(tail) == 3, tail
+    assert {line.split(": ", 1)[1] for line in tail[:2]} == {
+        "torch 2.13.0, transformers 5.19.0, vllm 0.32.0.",
+        "torch 2.13.0, transformers 5.24.0, trl 1.16.0, peft 0.21.2, deepspeed 0.19.8.",
+    }
+    assert all(line.startswith("Software (") and " evaluations)" in line for line in tail[:2])
+    assert tail[2].startswith("Software (all ") and "training runs): torch 2.13.0, transformers 5.24.0" in tail[2]
+
+
 def test_an_ambiguous_selection_raises(frames) -> None:
     evals, trains, _ = frames
     extra = evals[(evals["experiment"] == "table1_medical") & (evals["mode"] == "asft")].copy()

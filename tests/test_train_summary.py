@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from asft.checkpoints import SNAPSHOTS_DIR, checkpoint_step, resumable_checkpoin
 from asft.config import ConfigError, validate_config
 from asft.config_checks import gradient_accumulation_steps
 from asft.layout import TRAIN_SUMMARY as SUMMARY
+from asft.stack_versions import stack_versions
 from asft.training import train
 from tests.test_training import _interrupted, _spec
 
@@ -28,6 +30,7 @@ def test_the_summary_records_time_hardware_and_memory(small_demo: Path, tmp_path
     """One CPU process: wall and trainer time, "cpu" x 1, GPU peaks null (nothing to measure, not zero), host RSS."""
     summary = _train(small_demo, _spec(config, "sft"), tmp_path / "out", tmp_path / "ckpt")
     assert summary["wall_seconds"] >= summary["train_seconds"] > 0
+    assert summary["stack"] == stack_versions() and summary["stack"]["torch"] == metadata.version("torch")
     assert 0 < summary["train_runtime_seconds"] <= summary["wall_seconds"]
     assert summary["timing_scope"] == "whole_run" and summary["resumed_from_step"] is None
     assert summary["accelerator"] == "cpu" and summary["accelerator_count"] == 1

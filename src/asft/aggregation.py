@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from asft.layout import RUN_SPEC, TRAIN_LOG
+from asft.layout import RUN_SPEC, TRAIN_LOG, TRAIN_SUMMARY
+from asft.stack_versions import stacks_note
 
 BASE_LABEL = "base"
 
@@ -111,8 +112,8 @@ def results_table(long: pd.DataFrame, benchmarks: Sequence[str] | None = None) -
     return table.reset_index(drop=True)
 
 
-def to_markdown(table: pd.DataFrame, title: str) -> str:
-    """A GitHub-flavoured Markdown table (numbers as percent with one decimal)."""
+def to_markdown(table: pd.DataFrame, title: str, footer: str = "") -> str:
+    """A GitHub-flavoured Markdown table (numbers as percent with one decimal), then `footer` under it."""
     headers = list(table.columns)
     lines = [f"# {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for _, row in table.iterrows():
@@ -124,7 +125,17 @@ def to_markdown(table: pd.DataFrame, title: str) -> str:
             else:
                 cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    if footer:
+        lines += ["", footer]
     return "\n".join(lines) + "\n"
+
+
+def software_note(metrics_paths: Sequence[Path], train_dirs: Sequence[Path]) -> str:
+    """The software versions the evaluations and training runs behind a table used (asft.stack_versions)."""
+    evals = [json.loads(Path(path).read_text()).get("stack") for path in metrics_paths]
+    summaries = [Path(d) / TRAIN_SUMMARY for d in train_dirs]
+    trains = [json.loads(s.read_text()).get("stack") for s in summaries if s.exists()]
+    return "\n".join(note for note in (stacks_note(evals, "evaluations"), stacks_note(trains, "training runs")) if note)
 
 
 def load_train_logs(train_dirs: Sequence[Path], run_ids: Sequence[str] | None = None) -> pd.DataFrame:
@@ -205,7 +216,8 @@ def aggregate(
     long.drop(columns="per_problem").to_csv(table_dir / "scores_long.csv", index=False)
     comparisons_vs_base(long).to_csv(table_dir / "comparisons_vs_base.csv", index=False, float_format="%.2f")
     table.to_csv(table_dir / "results.csv", index=False, float_format="%.2f")
-    (table_dir / "results.md").write_text(to_markdown(table, f"{experiment}: accuracy (%)"))
+    footer = software_note(metrics_paths, train_dirs)
+    (table_dir / "results.md").write_text(to_markdown(table, f"{experiment}: accuracy (%)", footer))
     run_ids = None if train_identities is None else [identity["run_id"] for identity in train_identities]
     plot_training_curves(load_train_logs(train_dirs, run_ids), plot_dir / "training_curves.png", experiment)
     if eval_identities is not None and train_identities is not None:

@@ -63,6 +63,7 @@ def eval_records(identities: Sequence[Mapping[str, Any]], metrics_paths: Sequenc
                 "n": metrics["n_problems"],
                 "ci_low": low,
                 "ci_high": high,
+                "stack": metrics.get("stack"),  # the software it ran with (asft.stack_versions), None if unrecorded
             }
         )
     return records
@@ -89,7 +90,7 @@ def train_records(identities: Sequence[Mapping[str, Any]], train_dirs: Sequence[
     records = []
     for identity, train_dir in zip(identities, train_dirs, strict=True):
         summary = json.loads((Path(train_dir) / TRAIN_SUMMARY).read_text())
-        records.append({**_identity(identity), **summary_measures(summary)})
+        records.append({**_identity(identity), **summary_measures(summary), "stack": summary.get("stack")})
     return records
 
 

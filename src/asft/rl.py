@@ -50,6 +50,7 @@ from asft.layout import TRAIN_LOG
 from asft.rewards import GOLD_COLUMN, REWARD_KINDS, REWARD_NAME, accuracy_reward, gold_answers
 from asft.rl_objectives import objective_options
 from asft.run_io import atomic_dir
+from asft.stack_versions import stack_versions
 from asft.train_io import (
     CheckpointFingerprintCallback,
     JsonlLogCallback,
@@ -316,6 +317,7 @@ def train_rl(
                 "reward_errors": sum(g[2] for g in grading),
             },
             **resource_summary(per_rank),
+            "stack": stack_versions(),  # the torch/transformers/TRL/PEFT/DeepSpeed/vLLM this run trained with
         }
         summary["wall_seconds"] = time.perf_counter() - wall_started
         if accelerator.is_main_process:

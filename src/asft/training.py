@@ -28,6 +28,7 @@ from asft.layout import RUN_SPEC, TRAIN_LOG
 from asft.layout import TRAIN_SUMMARY as SUMMARY
 from asft.losses import LossSpec
 from asft.run_io import atomic_dir
+from asft.stack_versions import stack_versions
 from asft.train_io import (
     TEST_HOOK_ENV,
     CheckpointFingerprintCallback,
@@ -319,6 +320,7 @@ def train(
             # A resumed job cannot know how long its killed attempts ran: its times cover this attempt only.
             "timing_scope": "last_attempt" if resume else "whole_run",
             **resource_summary(per_rank),
+            "stack": stack_versions(),  # the torch/transformers/TRL/PEFT/DeepSpeed/vLLM this run trained with
         }
         summary["wall_seconds"] = time.perf_counter() - wall_started
         if accelerator.is_main_process:

@@ -29,6 +29,7 @@ from asft.evaluation.metrics import summarize
 from asft.evaluation.sandbox import SandboxLimits
 from asft.layout import METRICS, SAMPLES
 from asft.run_io import atomic_file, write_text_atomic
+from asft.stack_versions import stack_versions
 
 log = logging.getLogger(__name__)
 
@@ -483,6 +484,7 @@ def evaluate(
             "adapter_path": adapter,
             "run": run_info or {},
             "seconds": time.perf_counter() - started,
+            "stack": stack_versions(),  # the torch/transformers/vLLM this evaluation ran with
         }
     )
     with atomic_file(out_dir / SAMPLES) as tmp, tmp.open("w", encoding="utf-8") as handle:

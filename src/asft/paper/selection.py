@@ -30,7 +30,8 @@ CONFIG_COLUMNS = (
     "sweep_value",
     "init_label",  # a continual run's parent (sft+dapo vs asft+dapo)
 )
-EVAL_COLUMNS = (*CONFIG_COLUMNS, "seed", "benchmark", "step", "accuracy", "n", "ci_low", "ci_high", "scale")
+# stack: the software versions of the run (asft.stack_versions), listed under each table
+EVAL_COLUMNS = (*CONFIG_COLUMNS, "seed", "benchmark", "step", "accuracy", "n", "ci_low", "ci_high", "scale", "stack")
 TRAIN_COLUMNS = (
     *CONFIG_COLUMNS,
     "seed",
@@ -42,6 +43,7 @@ TRAIN_COLUMNS = (
     "peak_gpu_memory_gb",
     "peak_host_memory_gb",
     "loss_scaling",
+    "stack",
 )
 CURVE_COLUMNS = ("experiment", "model", "dataset", "mode", "kl_weight", "step", "kl", "loss")
 

@@ -25,6 +25,7 @@ from asft.paper.selection import (
     peak_memory,
     wall_hours,
 )
+from asft.stack_versions import stacks_note
 
 CELL_LEGEND = "Each cell: ours, ↑/↓ our change from our base model, (the published value); — = no result."
 LONG_COLUMNS = (
@@ -146,6 +147,20 @@ def layout_of(name: str) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------- captions
 
 
+def _evals_for(spec: TableSpec, evals: Indexed) -> pd.DataFrame:
+    positions = sorted({i for row in spec.rows for s in row.sources.values() for i in evals.positions(s, True)})
+    return evals.frame.iloc[positions]
+
+
+def software_note(name: str, evals: pd.DataFrame | Indexed | None, trains: pd.DataFrame | Indexed | None) -> str:
+    """The software versions (asft.stack_versions) of the evaluations and training runs the table rests on."""
+    spec = spec_of(name)
+    ran_evals = _evals_for(spec, indexed(evals, EVAL_COLUMNS))
+    ran_trains = _trains_for(spec, indexed(trains, TRAIN_COLUMNS))
+    notes = (stacks_note(ran_evals["stack"], "evaluations"), stacks_note(ran_trains["stack"], "training runs"))
+    return "\n".join(note for note in notes if note)
+
+
 def _trains_for(spec: TableSpec, trains: Indexed) -> pd.DataFrame:
     positions = sorted({i for row in spec.rows for s in row.sources.values() for i in trains.positions(s, False)})
     return trains.frame.iloc[positions]
@@ -239,8 +254,9 @@ def _grid(spec: TableSpec, cells: pd.DataFrame) -> list[tuple[Row, list[str]]]:
     return [(row, [cell_text(c) for _, c in by_row[row.full_label].iterrows()]) for row in spec.rows]
 
 
-def to_markdown(name: str, cells: pd.DataFrame, caption: str) -> str:
-    """A Markdown table under its caption line (column groups named above it when there are several)."""
+def to_markdown(name: str, cells: pd.DataFrame, caption: str, footer: str = "") -> str:
+    """A Markdown table under its caption line (column groups named above it when there are several), then
+    `footer` (the software versions) under it."""
     spec = spec_of(name)
     label_headers = ([spec.block_label] if spec.block_label else []) + ["Method"]
     headers = label_headers + _column_headers(spec, cells)
@@ -252,6 +268,8 @@ def to_markdown(name: str, cells: pd.DataFrame, caption: str) -> str:
     for row, texts in _grid(spec, cells):
         labels = ([row.block or "—"] if spec.block_label else []) + [row.method_label]
         lines.append("| " + " | ".join(labels + texts) + " |")
+    if footer:
+        lines += ["", footer]
     return "\n".join(lines) + "\n"
 
 
@@ -346,8 +364,10 @@ def write_table(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trains = indexed(trains, TRAIN_COLUMNS)
-    cells = build_table(name, indexed(evals, EVAL_COLUMNS), trains)
+    evals = indexed(evals, EVAL_COLUMNS)
+    cells = build_table(name, evals, trains)
     caption = _caption(spec_of(name), cells, trains)
+    software = software_note(name, evals, trains)
     paths = {
         "csv": out_dir / f"{name}.csv",
         "md": out_dir / f"{name}.md",
@@ -355,7 +375,9 @@ def write_table(
         "caption": out_dir / f"{name}.caption.rst",
     }
     cells.to_csv(paths["csv"], index=False, float_format="%.4f", columns=list(LONG_COLUMNS))
-    paths["md"].write_text(to_markdown(name, cells, caption), encoding="utf-8")
-    paths["tex"].write_text(to_latex(name, cells, caption), encoding="utf-8")
+    paths["md"].write_text(to_markdown(name, cells, caption, software), encoding="utf-8")
+    # LaTeX keeps nothing under a table but its caption: the versions end the caption there
+    tex_caption = f"{caption} {' '.join(software.splitlines())}" if software else caption
+    paths["tex"].write_text(to_latex(name, cells, tex_caption), encoding="utf-8")
     paths["caption"].write_text(rst_escape(caption) + "\n", encoding="utf-8")
     return paths

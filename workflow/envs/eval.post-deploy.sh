@@ -1,0 +1,6 @@
+#!/bin/sh
+# The project itself, without dependencies: locks/eval.txt (installed by eval.yaml) holds all of them. Snakemake
+# copies this script to .snakemake/conda/<hash>.post-deploy.sh and runs it in the new env, so "../.." is the
+# workflow root.
+set -eu
+python -m pip install --no-deps -e "$(dirname "$0")/../.."
