@@ -22,6 +22,7 @@ import numpy as np
 
 from asft import layout
 from asft.run_io import write_text_atomic
+from asft.stack_versions import stacks_note
 
 CLASSES = ("number", "operator", "word", "format", "other")
 _NUMBER = re.compile(r"^\d+([.,]\d+)*\.?$")
@@ -184,6 +185,7 @@ def analyse(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, An
         "top_aligned": tokens(order[::-1][:TOP_TOKENS]),
         "top_opposing": tokens(order[:TOP_TOKENS]),
         "performance": {k: meta.get(k) for k in ("tokens_per_second", "peak_memory_gb", "seconds", "device")},
+        "stack": meta.get("stack"),
     }
 
 
@@ -258,6 +260,7 @@ def markdown_summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     if perf.get("tokens_per_second"):
         lines += ["", f"Traced at {perf['tokens_per_second']:.1f} tokens/s on {perf['device']}, peak memory "
                   f"{perf['peak_memory_gb']:.2f} GB."]  # fmt: skip
+    lines += ["", stacks_note([result.get("stack")], "traces")]
     return "\n".join(lines) + "\n"
 
 

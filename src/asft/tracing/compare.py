@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from asft.run_io import write_text_atomic
+from asft.stack_versions import stacks_note
 from asft.tracing.analysis import CLASSES, title_of
 
 PUBLISHED = Path(__file__).parents[1] / "paper" / "reference" / "fork_gradient_analysis.csv"
@@ -69,7 +70,7 @@ def comparison(results: list[dict[str, Any]]) -> dict[str, Any]:
             columns.append({"title": f"{model} (fork, published)", "subject": {"model": model}, "source": "published"})
             values.append([reported[model].get(key) for _, key, _ in ROWS])
     return {"rows": [{"label": label, "key": key, "percent": pct} for label, key, pct in ROWS], "columns": columns,
-            "values": values}  # fmt: skip
+            "values": values, "stacks": [r.get("stack") for r in results]}  # fmt: skip
 
 
 def comparison_markdown(table: dict[str, Any]) -> str:
@@ -86,7 +87,7 @@ def comparison_markdown(table: dict[str, Any]) -> str:
     for i, row in enumerate(table["rows"]):
         cells = [_fmt(column_values[i], row["percent"]) for column_values in table["values"]]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, "", stacks_note(table["stacks"], "traces")]) + "\n"
 
 
 def comparison_csv(table: dict[str, Any]) -> str:

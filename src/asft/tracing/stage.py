@@ -21,6 +21,7 @@ import torch
 from asft.dtypes import training_dtype
 from asft.losses import LossSpec, shifted_targets, target_sequence_ids, token_weights
 from asft.run_io import atomic_dir
+from asft.stack_versions import stack_versions
 from asft.tracing.gradients import RademacherProjection, jl_cosine_bound, select_parameters, token_gradients
 
 log = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def trace(
         "reference": "adapter disabled" if adapter_dir else (str(reference_dir) if reference_dir else None),
         "parameters": {"selector": options["parameters"], "tensors": len(params), "count": projection_size(params)},
         "device": str(device),
+        "stack": stack_versions(),  # the torch/transformers/PEFT/... the trace ran with
         "target_tokens": int(arrays["ce"].size),
         "traced_tokens": traced_tokens,
         "seconds": seconds,
