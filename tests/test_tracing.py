@@ -293,6 +293,7 @@ def test_trace_stage_writes_a_complete_folder(small_demo: Path, adapter: Path, c
     assert loaded["traced_tokens"] == meta["traced_tokens"] == 10
     assert arrays["projected"].shape == (10, 32) and arrays["batch_norm"].shape == (2,)
     assert len(loaded["sequences"]) == 6
+    assert len({seq["example_id"] for seq in loaded["sequences"]}) == 6  # sampled without replacement
     assert loaded["stack"]["torch"] and loaded["stack"]["peft"]
     assert np.isfinite(arrays["ref_p"]).all() and np.isfinite(arrays["weight_ref_ratio"]).all()
     assert not np.allclose(arrays["weight_ref_ratio"], 1.0)  # the adapter changes p_θ away from p_ref

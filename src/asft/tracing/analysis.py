@@ -327,7 +327,15 @@ def view_model(table: dict[str, np.ndarray], result: dict[str, Any], meta: dict[
             token.update(traced.get((batch, row, position), {}))
             tokens.append(token)
         if any(t["target"] for t in tokens):
-            sequences.append({"id": f"b{batch}/r{row}", "batch": batch, "row": row, "tokens": tokens})
+            sequences.append(
+                {
+                    "id": f"b{batch}/r{row}",
+                    "batch": batch,
+                    "row": row,
+                    "example_id": seq["example_id"],
+                    "tokens": tokens,
+                }
+            )
     headline = [[label, _fmt(result[key], percent)] for label, key, percent in HEADLINE]
     return {
         "title": title_of(result["subject"]),

@@ -175,7 +175,14 @@ def trace(
         _append(columns, batch_norm=np.array([grads.batch_norm]), projected_batch=grads.projected_batch[None].cpu())
         for row_index, example in enumerate(rows):
             length = int(batch["attention_mask"][row_index].sum())
-            sequences.append({"batch": batch_index, "row": row_index, "input_ids": example["input_ids"][:length]})
+            sequences.append(
+                {
+                    "batch": batch_index,
+                    "row": row_index,
+                    "example_id": int(example["example_id"]),  # the record's line index in the data file
+                    "input_ids": example["input_ids"][:length],
+                }
+            )
         offset += n
     seconds = time.perf_counter() - started
     arrays = {name: np.concatenate([np.asarray(part) for part in parts]) for name, parts in columns.items()}
