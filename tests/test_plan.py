@@ -257,3 +257,23 @@ def test_cli_csv_and_smoke_scale(in_repo: None) -> None:
 def test_cli_refuses_a_bad_override(in_repo: None, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--config", "config/paper.yaml", "--set", "scale"]) == 2
     assert "key=value" in capsys.readouterr().err
+
+
+def test_trace_jobs_are_counted_in_train_hours_and_left_out_of_targets() -> None:
+    """One backward pass over the batch per traced token: batches × tokens × 4·N × batch tokens."""
+    raw = _raw()
+    raw["experiments"]["a"]["trace"] = {"runs": ["asft", "base"], "batches": 3, "tokens_per_batch": 10}
+    config = validate_config(raw)
+    plan = build_plan(config)
+    traces = {key: job for key, job in plan.jobs.items() if job.kind == "trace"}
+    assert sorted(traces) == ["trace:a/m/d/asft-kl0.05/seed1", "trace:a/m/d/base"]
+    batch_tokens = 4 * 100  # per_device_train_batch_size × min(mean_tokens, max_length)
+    assert all(job.flops == 3 * 10 * 4.0 * 1e9 * batch_tokens for job in traces.values())
+    without = build_plan(validate_config(_raw()))
+    row, row_without = rows_by_experiment(plan)[0], rows_by_experiment(without)[0]
+    assert row.trace_jobs == 2 and row.train_jobs == row_without.train_jobs
+    extra = sum(plan.throughput.gpu_hours("train", job.flops) for job in traces.values())
+    assert row.train_gpu_hours == pytest.approx(row_without.train_gpu_hours + extra)
+    assert "traces: 2 per-token gradient trace jobs" in format_text(plan, rows_by_experiment(plan))
+    target = rows_by_target(plan, {"t": (("a", {}),)})[0]
+    assert target.trace_jobs == 0  # `snakemake <target>` builds tables and figures, never traces

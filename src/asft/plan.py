@@ -397,6 +397,8 @@ def _selected(plan: Plan, selections: Sequence[Selection]) -> tuple[list[str], l
                 continue
             experiments.append(exp_name)
             for need in needs:
+                if plan.jobs[need.key].kind == "trace":  # `rule all` requests traces; no table or figure reads them
+                    continue
                 if not where or not need.attrs or all(need.attrs.get(k) == v for k, v in where.items()):
                     keys.append(need.key)
     return keys, list(dict.fromkeys(experiments))
