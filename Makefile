@@ -49,6 +49,7 @@ demo: install
 	snakemake
 	@cat results/demo/tables/results.md
 	@echo "plot: results/demo/plots/training_curves.png"
+	@echo "per-token gradient trace (open in a browser): results/demo/traces/tiny/arith/asft-kl0.05/seed0/viewer.html"
 
 ## The whole test suite (unit, integration and one end-to-end workflow run).
 test: install vllm-env
