@@ -29,6 +29,7 @@ def _config() -> dict:
     config["modes"]["dapo"] = {"objective": "dapo"}
     rl = copy.deepcopy(config["experiments"]["demo"])
     rl["modes"] = ["dapo"]
+    rl.pop("trace")  # the demo's trace of its ASFT run
     rl["init_from"] = [PARENT, "demo/tiny/arith/asft-kl0.05/seed0"]
     rl["evaluate_base"] = False
     rl["training"]["rl"] = {"reward": "math", "num_generations": 4, "max_completion_length": 8}

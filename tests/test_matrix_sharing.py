@@ -18,6 +18,7 @@ from tests.conftest import REPO
 def _with_experiment(config: dict, name: str, **changes) -> dict:
     config = copy.deepcopy(config)
     exp = copy.deepcopy(config["experiments"]["demo"])
+    exp.pop("trace")  # the demo's trace of its ASFT run: the copy's modes need not include it
     exp.update(changes)
     config["experiments"][name] = exp
     return config
@@ -42,6 +43,7 @@ def test_a_training_sweep_is_a_matrix_axis_whose_values_enter_the_run_id(config:
 
 def test_two_swept_keys_give_their_cross_product(config: dict) -> None:
     config["experiments"]["demo"].update(modes=["sft"], sweep={"learning_rate": [1e-4, 5e-4], "max_steps": [2, 4]})
+    config["experiments"]["demo"].pop("trace")  # it traces asft
     labels = sorted(r.mode_label for r in iter_runs(validate_config(config)))
     assert labels == [
         "sft_learning_rate0.0001_max_steps2",
