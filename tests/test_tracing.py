@@ -302,6 +302,12 @@ def test_trace_stage_writes_a_complete_folder(small_demo: Path, adapter: Path, c
     assert all(str(int(i)) in loaded["token_text"] for i in arrays["token_id"])
     result = analyse_trace(out, tmp_path / "analysis")
     assert result["tokens"]["traced"] == 10
+    from asft.tracing.analysis import traced_table, view_model
+
+    view = view_model(traced_table(arrays, loaded), result, loaded, arrays)
+    tokens = [t for seq in view["sequences"] for t in seq["tokens"]]
+    assert sum(t["target"] for t in tokens) == 10
+    assert sum(t.get("untraced", False) for t in tokens) == arrays["ce"].size - 10
     for name in ("analysis.json", "summary.md", "analysis.png", "viewer.html"):
         assert (tmp_path / "analysis" / name).stat().st_size > 0
 

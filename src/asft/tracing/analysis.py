@@ -303,8 +303,12 @@ def plot_analysis(table: dict[str, np.ndarray], result: dict[str, Any], path: Pa
     tmp.replace(path)
 
 
-def view_model(table: dict[str, np.ndarray], result: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    """The viewer's input (`asft.tracing.viewer`): each traced sequence's tokens, targets with their statistics."""
+def view_model(
+    table: dict[str, np.ndarray], result: dict[str, Any], meta: dict[str, Any], arrays: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """The viewer's input (`asft.tracing.viewer`): each traced sequence's tokens, targets with their statistics,
+    targets outside the token sample marked `untraced`."""
+    targets = set(zip(arrays["batch"].tolist(), arrays["row"].tolist(), arrays["position"].tolist(), strict=True))
     weight_names = sorted(k.removeprefix("weight_") for k in table if k.startswith("weight_"))
     traced = {}
     for i in range(table["alignment"].size):
@@ -323,19 +327,22 @@ def view_model(table: dict[str, np.ndarray], result: dict[str, Any], meta: dict[
         batch, row = seq["batch"], seq["row"]
         tokens = []
         for position, token_id in enumerate(seq["input_ids"]):
+            key = (batch, row, position)
             token = {"text": meta["token_text"][str(token_id)], "target": False}
-            token.update(traced.get((batch, row, position), {}))
+            if key in traced:
+                token.update(traced[key])
+            elif key in targets:
+                token["untraced"] = True
             tokens.append(token)
-        if any(t["target"] for t in tokens):
-            sequences.append(
-                {
-                    "id": f"b{batch}/r{row}",
-                    "batch": batch,
-                    "row": row,
-                    "example_id": seq["example_id"],
-                    "tokens": tokens,
-                }
-            )
+        sequences.append(
+            {
+                "id": f"b{batch}/r{row}",
+                "batch": batch,
+                "row": row,
+                "example_id": seq["example_id"],
+                "tokens": tokens,
+            }
+        )
     headline = [[label, _fmt(result[key], percent)] for label, key, percent in HEADLINE]
     return {
         "title": title_of(result["subject"]),
@@ -360,7 +367,7 @@ def analyse_trace(trace_dir: Path, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_analysis(table, result, out_dir / layout.TRACE_PLOT)
-    write_viewer(view_model(table, result, meta), out_dir / layout.TRACE_VIEWER)
+    write_viewer(view_model(table, result, meta, arrays), out_dir / layout.TRACE_VIEWER)
     write_text_atomic(out_dir / layout.TRACE_SUMMARY, markdown_summary(result, meta))
     write_text_atomic(out_dir / layout.TRACE_ANALYSIS, json.dumps(result, indent=1, allow_nan=False))
     return result

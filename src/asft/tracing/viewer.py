@@ -139,6 +139,7 @@ _BODY = """<header>
 <span class="end" id="legend-pos"></span>
 <span class="swatch null"></span><span>zero gradient</span>
 <span class="tok prompt sample">prompt</span><span>context only</span>
+<span class="tok prompt untraced sample">target</span><span>not traced</span>
 </div>
 </div>
 <main>
@@ -192,6 +193,7 @@ main { padding: 0 24px 28px; }
 .tok { border-radius: 2px; padding: 1px 0; }
 .tok.target { cursor: pointer; box-shadow: inset 0 0 0 1px rgba(0, 0, 0, .06); }
 .tok.prompt { color: #8c959f; }
+.tok.untraced { color: #57606a; text-decoration: underline dotted #8c959f; }
 .tok.null { background: #c8ced6; color: #424a53; }
 .tok.ws { color: #8c959f; }
 .tok.dim { opacity: .15; }
@@ -299,6 +301,9 @@ _JS = r"""
           if (a !== null) maxAbs = Math.max(maxAbs, Math.abs(a));
           rows.push({ tok, seq, order, pos: rows.length, cls, tr: null, vals: null });
           nTargets++;
+        } else if (tok.untraced) {
+          span.classList.add("prompt", "untraced");
+          span.title = "target token outside the traced sample (trace.tokens_per_batch): no gradient taken";
         } else {
           span.classList.add("prompt");
           span.title = "prompt: context only, no gradient";
