@@ -418,7 +418,8 @@ def test_workflow_runs_through_runai(runai_workflow: tuple[Path, subprocess.Comp
     rules = sorted(re.sub(r"^asft-|-\d+-[0-9a-f]{6}$", "", name) for name in phases)
     assert rules == [
         "aggregate", "build-demo", "evaluate-base", "evaluate-run", "evaluate-run", "fetch-benchmark",
-        "fetch-dataset", "fetch-model", "merge", "merge", "train", "train",
+        "fetch-dataset", "fetch-model", "merge", "merge", "trace-analysis", "trace-compare", "trace-run", "train",
+        "train",
     ]  # fmt: skip
     assert set(phases.values()) == {"Completed"}
     # Each workload asked Run:ai for what Snakemake says the job needs.

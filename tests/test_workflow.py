@@ -236,22 +236,28 @@ def _add_mode_row(config: dict) -> None:
 
 
 @pytest.mark.parametrize(
-    ("edit", "retrained"),
+    ("edit", "retrained", "traced"),
     [
-        (_set_kl_weight, "results/demo/runs/tiny/arith/asft-kl0.1/seed0/train"),
-        (_set_kl_direction, "results/demo/runs/tiny/arith/asft-kl0.05/seed0/train"),
-        (_add_mode_row, "results/demo/runs/tiny/arith/sft-focal-kl0.2/seed0/train"),
+        (_set_kl_weight, "results/demo/runs/tiny/arith/asft-kl0.1/seed0/train", True),
+        (_set_kl_direction, "results/demo/runs/tiny/arith/asft-kl0.05/seed0/train", True),
+        (_add_mode_row, "results/demo/runs/tiny/arith/sft-focal-kl0.2/seed0/train", False),
     ],
 )
-def test_a_mode_edit_reruns_exactly_that_run(finished_workflow: tuple[Path, dict], edit, retrained: str) -> None:
-    """Editing or adding one mode row plans that run's train, merge and evaluation plus the aggregation."""
+def test_a_mode_edit_reruns_exactly_that_run(
+    finished_workflow: tuple[Path, dict], edit, retrained: str, traced: bool
+) -> None:
+    """Editing or adding one mode row plans that run's train, merge and evaluation plus the aggregation, and its
+    trace (the demo traces asft) with the comparison of traces."""
     workdir, config = finished_workflow
     edited = copy.deepcopy(config)
     edit(edited)
     write_config(workdir, edited)
     try:
         result = snakemake(workdir, "-n")
-        assert planned_jobs(result) == {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
+        expected = {"train": 1, "merge": 1, "evaluate_run": 1, "aggregate": 1, "all": 1}
+        if traced:
+            expected.update(trace_run=1, trace_analysis=1, trace_compare=1)
+        assert planned_jobs(result) == expected
         assert planned_outputs(result, "train") == [retrained]
     finally:
         write_config(workdir, config)
