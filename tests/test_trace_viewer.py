@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -352,9 +351,10 @@ def test_screenshot_is_a_real_picture(viewer: Opened, tmp_path: Path) -> None:
         Path(os.environ["ASFT_VIEWER_SHOT"]).write_bytes(shot.read_bytes())
 
 
-def test_a_7b_sized_trace_stays_responsive(browser: Any, tmp_path: Path) -> None:
-    """A 7B-sized trace (8 sequences × 2048 tokens, 14k targets): the page builds, sorts and filters in seconds,
-    with one page of table rows in the DOM (a full 30k-row table took Chromium ~20 s per relayout here)."""
+def test_a_7b_sized_trace_is_paged(browser: Any, tmp_path: Path) -> None:
+    """A 7B-sized trace (8 sequences × 2048 tokens, 14k targets) builds, sorts, filters and pages with one page of
+    table rows in the DOM (a whole table of that size is too slow to relayout; the speed itself is not asserted:
+    a shared CI machine's timings prove nothing)."""
     rng = np.random.default_rng(0)
     sequences, index = [], 0
     for s in range(8):
@@ -365,17 +365,13 @@ def test_a_7b_sized_trace_stays_responsive(browser: Any, tmp_path: Path) -> None
             index += 1
         sequences.append({"id": f"b{s // 4}/r{s % 4}", "batch": s // 4, "row": s % 4, "tokens": tokens})
     view = {"title": "big", "classes": CLASSES, "weight_names": WEIGHTS, "sequences": sequences}
-    start = time.perf_counter()
     opened = Opened(browser, write_viewer(view, tmp_path / "big.html"))
-    loaded = time.perf_counter() - start
     page = opened.page
     assert page.locator("span.tok.target").count() == index
     assert page.locator("#token-table tbody tr").count() == 250  # one page of rows in the DOM
     assert page.text_content("#row-count").startswith(f"1\u2013250 of {index} shown")
-    start = time.perf_counter()
     page.click("th[data-key='magnitude']")
     page.uncheck("input.class-filter[value='word']")
-    acted = time.perf_counter() - start
     mags = np.array([t["magnitude"] for s in sequences for t in s["tokens"] if t["target"]])
     kept = np.array([CLASSES[i % 5] != "word" for i in range(index)])
     order = np.flatnonzero(kept)[np.argsort(mags[kept], kind="stable")]
@@ -387,5 +383,4 @@ def test_a_7b_sized_trace_stays_responsive(browser: Any, tmp_path: Path) -> None
     page.click(f"span.tok[data-index='{far}']")
     assert page.get_attribute(f"#token-table tr[data-index='{far}']", "class") == "selected"
     assert opened.errors == []
-    assert loaded < 10 and acted < 3, (loaded, acted)
     page.close()

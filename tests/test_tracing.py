@@ -142,6 +142,13 @@ def test_projection_is_seeded_per_parameter_name() -> None:
     assert not torch.equal(one.block("a", torch.float32), other.block("a", torch.float32))
     values = one.block("b", torch.float64)
     assert set(values.unique().tolist()) == {-1 / math.sqrt(8), 1 / math.sqrt(8)}
+    # drawn in row slices and never cached (as for a 7B matrix), the projection is the same matrix product
+    sliced = RademacherProjection(sizes, 8, 1, torch.device("cpu"), cache_elements=0, slice_elements=16)
+    assert sliced.rows_per_slice == 2 and sliced._slices("b") == 4
+    grads = {"a": torch.randn(3, 5, dtype=torch.float64), "b": torch.randn(3, 7, dtype=torch.float64)}
+    expected = grads["a"] @ sliced.block("a", torch.float64) + grads["b"] @ sliced.block("b", torch.float64)
+    torch.testing.assert_close(sliced(grads), expected)
+    assert sliced(grads).dtype == torch.float64 and sliced({"a": grads["a"].bfloat16()}).dtype == torch.float32
 
 
 def test_parameter_selection(small_demo: Path, adapter: Path) -> None:
@@ -312,15 +319,33 @@ def test_trace_stage_writes_a_complete_folder(small_demo: Path, adapter: Path, c
         assert (tmp_path / "analysis" / name).stat().st_size > 0
 
 
-def test_a_failed_trace_leaves_no_folder(small_demo: Path, config: dict, tmp_path: Path) -> None:
-    from asft.tracing.stage import trace
+def test_a_failed_trace_leaves_no_folder(
+    small_demo: Path, config: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure while the folder is being written (here: the arrays) leaves neither it nor its temp sibling."""
+    from asft.tracing import stage
 
-    validated = validate_config(trace_config(config, parameters=r"no_such_parameter"))
+    validated = validate_config(trace_config(config, batches=1, batch_size=2, tokens_per_batch=2, dim=8))
     spec = json.loads(json.dumps(trace_spec(validated, next(iter(trace_targets(validated))))))
     out = tmp_path / "trace"
-    with pytest.raises(ValueError, match="selects nothing"):
-        trace(small_demo / "model", small_demo / "data" / "train.jsonl", spec, out)
+
+    def disk_full(path: object, **arrays: object) -> None:
+        Path(str(path)).write_bytes(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(stage.np, "savez_compressed", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        stage.trace(small_demo / "model", small_demo / "data" / "train.jsonl", spec, out)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_a_trace_refuses_an_adapter_and_a_reference_together(small_demo: Path, config: dict, tmp_path: Path) -> None:
+    from asft.tracing.stage import trace
+
+    validated = validate_config(trace_config(config))
+    spec = trace_spec(validated, next(iter(trace_targets(validated))))
+    with pytest.raises(ValueError, match="not both"):
+        trace(small_demo / "model", tmp_path / "d.jsonl", spec, tmp_path / "t", small_demo, small_demo / "model")
 
 
 def test_comparison_sets_published_figures_beside_the_fork_models(tmp_path: Path) -> None:
@@ -351,7 +376,9 @@ def test_a_full_fine_tune_is_traced_on_a_regex_with_its_starting_weights_as_refe
 
     config["experiments"]["demo"]["training"]["finetune"] = "full"
     validated = validate_config(
-        trace_config(config, batches=1, batch_size=2, tokens_per_batch=4, dim=16, parameters=r"layers\.1\.mlp\.")
+        trace_config(
+            config, batches=1, batch_size=2, tokens_per_batch=4, dim=16, parameters=r"layers\.1\.mlp\.", dtype="float64"
+        )
     )
     target = [t for t in trace_targets(validated) if t.run is not None][0]
     spec = json.loads(json.dumps(trace_spec(validated, target)))

@@ -232,7 +232,8 @@ def trace_flops(config: Mapping[str, Any], target: TraceTarget) -> tuple[float |
     vjp reaches the input of the first traced layer); every target traced when tokens_per_batch is null, counted
     as the batch's tokens (an upper bound)."""
     exp = config["experiments"][target.experiment]
-    options, training = exp["trace"], exp["training"]
+    options = exp["trace"]
+    training = run_training(config, target.run) if target.run else exp["training"]
     params_b = config["models"][target.model].get("parameters_b")
     mean_tokens = config["datasets"][target.dataset].get("mean_tokens")
     missing = [f"models.{target.model}.parameters_b"] if params_b is None else []
@@ -242,7 +243,7 @@ def trace_flops(config: Mapping[str, Any], target: TraceTarget) -> tuple[float |
     batch_tokens = (options["batch_size"] or training["per_device_train_batch_size"]) * min(
         mean_tokens, training["max_length"]
     )
-    traced = options["tokens_per_batch"] or batch_tokens
+    traced = min(options["tokens_per_batch"] or batch_tokens, batch_tokens)
     return options["batches"] * traced * 4.0 * params_b * 1e9 * batch_tokens, ()
 
 

@@ -430,10 +430,14 @@ def trace_adapter_option(wildcards, input) -> str:
     return f"--adapter {input.trained}" if is_lora(wildcards.experiment) else ""
 
 
-def trace_reference_option(wildcards) -> str:
+def trace_reference(wildcards) -> list[str]:
     """A full fine-tune's p_ref comes from its starting weights (a LoRA run disables its adapter instead)."""
     run = run_of(wildcards)
-    return "" if is_lora(run.experiment) else f"--reference {SHARED.start_weights(run)}"
+    return [] if is_lora(run.experiment) else [SHARED.start_weights(run)]
+
+
+def trace_reference_option(wildcards, input) -> str:
+    return f"--reference {input.reference}" if input.reference else ""
 
 
 def trace_run_params(wildcards) -> str:

@@ -6,6 +6,7 @@ rule trace_run:
     input:
         model=trace_model,
         trained=trace_trained,
+        reference=trace_reference,
         data=layout.DATASET_WILDCARDS,
     output:
         directory(f"{layout.TRACE_RUN_WILDCARDS}/{layout.TRACE}"),

@@ -208,6 +208,11 @@ HEADLINE = (
 )
 
 
+def _cell(text: str) -> str:
+    """A token's text in a Markdown table cell: its repr (whitespace visible), with | and ` escaped."""
+    return repr(text).replace("\\", "\\\\").replace("|", "\\|").replace("`", "\\`")
+
+
 def title_of(subject: dict[str, Any]) -> str:
     parts = [subject.get("mode_label"), subject.get("model"), subject.get("dataset")]
     seed = subject.get("seed")
@@ -255,7 +260,9 @@ def markdown_summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for up, down in zip(result["top_aligned"], result["top_opposing"], strict=False):
-        lines.append(f"| `{up['text']!r}` | {up['alignment']:.3f} | `{down['text']!r}` | {down['alignment']:.3f} |")
+        lines.append(
+            f"| {_cell(up['text'])} | {up['alignment']:.3f} | {_cell(down['text'])} | {down['alignment']:.3f} |"
+        )
     perf = result["performance"]
     if perf.get("tokens_per_second"):
         lines += ["", f"Traced at {perf['tokens_per_second']:.1f} tokens/s on {perf['device']}, peak memory "

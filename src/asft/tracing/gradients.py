@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -47,13 +47,21 @@ def _parameter_seed(seed: int, name: str) -> int:
 class RademacherProjection:
     """R: the concatenated parameter space (P) → d, as one ±1/√d block per parameter tensor.
 
-    Blocks are regenerated from their seeds on every call unless they fit in `cache_elements` in total, so a 7B
-    model's d × P matrix never has to exist at once. Draws come from a generator on the tensors' device: the
-    matrix (not the cosines it preserves) differs between CPU and CUDA for the same seed.
+    Each tensor's block is drawn in row slices of at most `slice_elements` entries, each from its own generator
+    seeded by (seed, name, slice), so neither the d × P matrix nor one big tensor's block (a 7B MLP matrix has
+    68M rows) ever exists whole; blocks are kept only when all of them fit in `cache_elements`. Draws come from a
+    generator on the tensors' device: the matrix (not the cosines it preserves) differs between CPU and CUDA.
+    Projections are computed in float32 at least, so bf16 gradients lose no further precision to ±1/√d.
     """
 
     def __init__(
-        self, sizes: Mapping[str, int], dim: int, seed: int, device: torch.device, cache_elements: int = 1 << 26
+        self,
+        sizes: Mapping[str, int],
+        dim: int,
+        seed: int,
+        device: torch.device,
+        cache_elements: int = 1 << 26,
+        slice_elements: int = 1 << 24,
     ) -> None:
         if dim < 1:
             raise ValueError(f"trace.dim must be >= 1, got {dim}")
@@ -61,15 +69,23 @@ class RademacherProjection:
         self.dim = dim
         self.seed = seed
         self.device = torch.device(device)
+        self.rows_per_slice = max(1, slice_elements // dim)
         self._cache: dict[str, torch.Tensor] | None = {} if sum(sizes.values()) * dim <= cache_elements else None
 
+    def _slice(self, name: str, index: int, dtype: torch.dtype) -> torch.Tensor:
+        rows = min(self.rows_per_slice, self.sizes[name] - index * self.rows_per_slice)
+        generator = torch.Generator(device=self.device).manual_seed(_parameter_seed(self.seed, f"{name}#{index}"))
+        signs = torch.randint(0, 2, (rows, self.dim), generator=generator, device=self.device)
+        return (signs.to(dtype) * 2 - 1) / math.sqrt(self.dim)
+
+    def _slices(self, name: str) -> int:
+        return math.ceil(self.sizes[name] / self.rows_per_slice)
+
     def block(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """R's columns for parameter `name`, as a [size, d] matrix of ±1/√d."""
+        """R's columns for parameter `name`, as a [size, d] matrix of ±1/√d (whole: for small tensors and tests)."""
         if self._cache is not None and name in self._cache:
             return self._cache[name].to(dtype)
-        generator = torch.Generator(device=self.device).manual_seed(_parameter_seed(self.seed, name))
-        signs = torch.randint(0, 2, (self.sizes[name], self.dim), generator=generator, device=self.device)
-        block = (signs.to(dtype) * 2 - 1) / math.sqrt(self.dim)
+        block = torch.cat([self._slice(name, i, dtype) for i in range(self._slices(name))])
         if self._cache is not None:
             self._cache[name] = block
         return block
@@ -79,7 +95,15 @@ class RademacherProjection:
         out = None
         for name, grad in grads.items():
             flat = grad.reshape(grad.shape[0], -1)
-            part = flat @ self.block(name, flat.dtype)
+            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
+            if self._cache is not None:
+                part = flat @ self.block(name, flat.dtype)
+            else:
+                step = self.rows_per_slice
+                part = sum(
+                    flat[:, i * step : (i + 1) * step] @ self._slice(name, i, flat.dtype)
+                    for i in range(self._slices(name))
+                )
             out = part if out is None else out + part
         if out is None:
             raise ValueError("no gradients to project")
@@ -132,12 +156,13 @@ class TokenGradients:
 
 
 def _flat(grads: Mapping[str, torch.Tensor], rows: int) -> torch.Tensor:
+    """[rows, P]: each row's gradients of every parameter, concatenated in the mapping's order."""
     return torch.cat([g.reshape(rows, -1) for g in grads.values()], dim=1)
 
 
 def token_losses_fn(
     model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-) -> tuple:
+) -> tuple[Callable[[dict[str, torch.Tensor]], torch.Tensor], torch.Tensor]:
     """(f, mask): f(params) = every target token's CE [n] with `params` substituted into `model`."""
     mask, targets = shifted_targets(labels)
 

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from asft.dtypes import training_dtype
 from asft.losses import LossSpec, shifted_targets, target_sequence_ids, token_weights
 from asft.run_io import atomic_dir
 from asft.stack_versions import stack_versions
@@ -26,6 +25,7 @@ from asft.tracing.gradients import RademacherProjection, jl_cosine_bound, select
 
 log = logging.getLogger(__name__)
 
+TRACE_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}  # trace.dtype
 TRACE_ARRAYS = "trace.npz"
 TRACE_META = "trace.json"
 FORMAT_VERSION = 1
@@ -67,8 +67,14 @@ def sample_tokens(n: int, k: int | None, generator: torch.Generator) -> torch.Te
     return torch.randperm(n, generator=generator)[:k].sort().values
 
 
+def _has_adapter(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
+
+
 @torch.no_grad()
-def _target_probabilities(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+def _target_probabilities(
+    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     mask, targets = shifted_targets(labels)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1][mask]
     return torch.softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -79,7 +85,7 @@ def reference_probabilities(model: Any, reference: Any, batch: dict) -> torch.Te
     args = (batch["input_ids"], batch["attention_mask"], batch["labels"])
     if reference is not None:
         return _target_probabilities(reference, *args)
-    if hasattr(model, "disable_adapter") and getattr(model, "peft_config", None):
+    if _has_adapter(model):
         with model.disable_adapter():
             return _target_probabilities(model, *args)
     return None
@@ -119,7 +125,9 @@ def trace(
     from asft.training import _load
 
     settings, options = spec["training"], spec["trace"]
-    dtype = training_dtype(options["dtype"])
+    if adapter_dir is not None and reference_dir is not None:
+        raise ValueError("give --adapter (p_ref: the adapter disabled) or --reference, not both")
+    dtype = TRACE_DTYPES[options["dtype"]]
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -179,7 +187,7 @@ def trace(
                 {
                     "batch": batch_index,
                     "row": row_index,
-                    "example_id": int(example["example_id"]),  # the record's line index in the data file
+                    "example_id": int(example["example_id"]),  # the record's index among the data file's records
                     "input_ids": example["input_ids"][:length],
                 }
             )
@@ -193,7 +201,7 @@ def trace(
         "spec": spec,
         "model": str(model_dir),
         "adapter": str(adapter_dir) if adapter_dir else None,
-        "reference": "adapter disabled" if adapter_dir else (str(reference_dir) if reference_dir else None),
+        "reference": str(reference_dir) if reference_dir else ("adapter disabled" if _has_adapter(model) else None),
         "parameters": {"selector": options["parameters"], "tensors": len(params), "count": projection_size(params)},
         "device": str(device),
         "stack": stack_versions(),  # the torch/transformers/PEFT/... the trace ran with
@@ -223,6 +231,7 @@ def _drop_input_grad_hook(model: Any) -> None:
 
 
 def projection_size(params: dict[str, torch.nn.Parameter]) -> int:
+    """P: the traced parameters' element count (the projection's input dimension)."""
     return sum(p.numel() for p in params.values())
 
 
