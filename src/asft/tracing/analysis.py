@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from asft import layout
-from asft.run_io import write_text_atomic
+from asft.run_io import atomic_file, write_text_atomic
 from asft.stack_versions import stacks_note
 
 CLASSES = ("number", "operator", "word", "format", "other")
@@ -189,7 +189,8 @@ def analyse(arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, An
     }
 
 
-def _fmt(value: Any, percent: bool = False) -> str:
+def format_value(value: Any, percent: bool = False) -> str:
+    """A metric as the summaries print it: a percentage with one decimal or three decimals; – when undefined."""
     if value is None:
         return "–"
     return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
@@ -231,7 +232,7 @@ def markdown_summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         "| Metric | Value |",
         "|---|---|",
-        *[f"| {label} | {_fmt(result[key], percent)} |" for label, key, percent in HEADLINE],
+        *[f"| {label} | {format_value(result[key], percent)} |" for label, key, percent in HEADLINE],
         "",
         "## By token class",
         "",
@@ -240,19 +241,19 @@ def markdown_summary(result: dict[str, Any], meta: dict[str, Any]) -> str:
     ]
     for name, row in result["by_class"].items():
         lines.append(
-            f"| {name} | {row['count']} | {_fmt(row['share'], True)} | {_fmt(row['mean_alignment'])} | "
-            f"{_fmt(row['opposing_fraction'], True)} | {_fmt(row['mean_magnitude'])} |"
+            f"| {name} | {row['count']} | {format_value(row['share'], True)} | {format_value(row['mean_alignment'])} | "
+            f"{format_value(row['opposing_fraction'], True)} | {format_value(row['mean_magnitude'])} |"
         )
     lines += ["", "## Mode weights vs alignment", "", "| Weighting | Pearson r | Spearman r |", "|---|---|---|"]
     for name, row in result["weights_vs_alignment"].items():
-        lines.append(f"| {name} | {_fmt(row['pearson'])} | {_fmt(row['spearman'])} |")
+        lines.append(f"| {name} | {format_value(row['pearson'])} | {format_value(row['spearman'])} |")
     lines += [
         "",
         "## Projection check",
         "",
-        f"Largest |projected − exact| alignment {_fmt(projection['max_abs_error'])} (mean "
-        f"{_fmt(projection['mean_abs_error'])}); Johnson–Lindenstrauss bound at d = {projection['dim']} for "
-        f"{tokens['traced']} tokens, probability 0.999: {_fmt(min(projection['jl_bound'], 2.0))}.",
+        f"Largest |projected − exact| alignment {format_value(projection['max_abs_error'])} (mean "
+        f"{format_value(projection['mean_abs_error'])}); Johnson–Lindenstrauss bound at d = {projection['dim']} for "
+        f"{tokens['traced']} tokens, probability 0.999: {format_value(min(projection['jl_bound'], 2.0))}.",
         "",
         "## Most aligned and most opposing tokens",
         "",
@@ -289,7 +290,7 @@ def plot_analysis(table: dict[str, np.ndarray], result: dict[str, Any], path: Pa
     axes[0, 1].plot(np.linspace(0, 1, lorenz.size), lorenz, color="#cc6677")
     axes[0, 1].plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
     axes[0, 1].set(xlabel="fraction of tokens (smallest first)", ylabel="fraction of summed magnitude",
-                   title=f"Lorenz curve of magnitudes (Gini {_fmt(result['gini'])})")  # fmt: skip
+                   title=f"Lorenz curve of magnitudes (Gini {format_value(result['gini'])})")  # fmt: skip
     for name in CLASSES:
         pick = classes == name
         if pick.any():
@@ -303,11 +304,18 @@ def plot_analysis(table: dict[str, np.ndarray], result: dict[str, Any], path: Pa
     axes[1, 1].set(ylabel="mean alignment", title="Mean alignment by token class")
     fig.suptitle(f"Per-token gradients: {title_of(result['subject'])}")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a figure as PNG through a temp sibling (`asft.run_io.atomic_file`) and close it either way."""
+    import matplotlib.pyplot as plt
+
+    try:
+        with atomic_file(Path(path)) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def view_model(
@@ -350,7 +358,7 @@ def view_model(
                 "tokens": tokens,
             }
         )
-    headline = [[label, _fmt(result[key], percent)] for label, key, percent in HEADLINE]
+    headline = [[label, format_value(result[key], percent)] for label, key, percent in HEADLINE]
     return {
         "title": title_of(result["subject"]),
         "subtitle": f"{meta['parameters']['selector']} parameters ({meta['parameters']['count']:,}), "

@@ -12,7 +12,7 @@ from typing import Any
 
 from asft.run_io import write_text_atomic
 from asft.stack_versions import stacks_note
-from asft.tracing.analysis import CLASSES, title_of
+from asft.tracing.analysis import CLASSES, format_value, save_figure, title_of
 
 PUBLISHED = Path(__file__).parents[1] / "paper" / "reference" / "fork_gradient_analysis.csv"
 # (label, how to read it from an analysis, shown as a percentage)
@@ -54,12 +54,6 @@ def published() -> dict[str, dict[str, float]]:
     return table
 
 
-def _fmt(value: float | None, percent: bool) -> str:
-    if value is None:
-        return "–"
-    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
-
-
 def comparison(results: list[dict[str, Any]]) -> dict[str, Any]:
     """Columns: each trace, then the published figures of each model some trace is of."""
     reported = published()
@@ -85,7 +79,7 @@ def comparison_markdown(table: dict[str, Any]) -> str:
         "|---|" + "---|" * len(titles),
     ]
     for i, row in enumerate(table["rows"]):
-        cells = [_fmt(column_values[i], row["percent"]) for column_values in table["values"]]
+        cells = [format_value(column_values[i], row["percent"]) for column_values in table["values"]]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", stacks_note(table["stacks"], "traces")]) + "\n"
 
@@ -121,11 +115,7 @@ def plot_comparison(table: dict[str, Any], path: Path) -> None:
     ax.set(ylabel="mean alignment cos(g_t, G)", title="Mean alignment by token class")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def write_comparison(analyses: list[Path], out_dir: Path) -> dict[str, Any]:
